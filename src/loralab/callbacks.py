@@ -1,0 +1,118 @@
+"""Callbacks that measure a run: parameter counts, throughput, the merge check, history.
+
+Each keeps what it measured in ``metrics`` (named as in the design notes) so that
+the run's ``summary.json`` and the loggers see the same numbers.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import pytorch_lightning as pl
+import torch
+
+from loralab.lora import analytic_lora_parameters, count_parameters, lora_layers, merge_lora, unmerge_lora
+
+
+def log_to_loggers(trainer: pl.Trainer, metrics: dict) -> None:
+    """For hooks where ``LightningModule.log`` is not allowed (fit start and end)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class ParameterCount(pl.Callback):
+    """params/trainable, params/total, params/trainable_pct, and LoRA's analytic Σ r·(in + out)."""
+
+    def __init__(self):
+        self.metrics: dict = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        trainable, total = count_parameters(pl_module.model)
+        self.metrics = {"params/trainable": trainable, "params/total": total,
+                        "params/trainable_pct": 100 * trainable / total,
+                        "params/lora_analytic": analytic_lora_parameters(pl_module.model)}
+        log_to_loggers(trainer, self.metrics)
+
+
+class Throughput(pl.Callback):
+    """perf/step_s and perf/tokens_per_s per training step (averaged over the run in
+    ``metrics``, the first step left out as warm-up), and perf/peak_mem_mb."""
+
+    def __init__(self):
+        self.metrics: dict = {}
+        self.step_times: list[float] = []
+        self.tokens = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step_s = time.perf_counter() - self.start
+        tokens = batch[0].numel() * trainer.world_size
+        self.step_times.append(step_s)
+        if len(self.step_times) > 1:
+            self.tokens += tokens
+        pl_module.log_dict({"perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s})
+
+    def on_fit_end(self, trainer, pl_module):
+        timed = self.step_times[1:] or self.step_times
+        if not timed:
+            return
+        self.metrics = {"perf/step_s": sum(timed) / len(timed),
+                        "perf/tokens_per_s": self.tokens / sum(timed) if self.tokens else 0.0,
+                        "perf/peak_mem_mb": peak_memory_mb(pl_module.device)}
+        log_to_loggers(trainer, {"perf/peak_mem_mb": self.metrics["perf/peak_mem_mb"]})
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or on the CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+class MergeCheck(pl.Callback):
+    """lora/merge_max_abs_diff: merged versus unmerged logits on a fixed validation batch,
+    at the end of training; lora/merge_ok says whether it is within ``tolerance``."""
+
+    def __init__(self, tolerance: float = 1e-4):
+        self.tolerance = tolerance
+        self.metrics: dict = {}
+
+    @torch.no_grad()
+    def on_fit_end(self, trainer, pl_module):
+        model = pl_module.model
+        if not lora_layers(model):
+            return
+        x, _ = next(iter(trainer.datamodule.val_dataloader()))
+        x = x.to(pl_module.device)
+        was_training = model.training
+        model.eval()
+        unmerged = model(x)[0].float()
+        merge_lora(model)
+        merged = model(x)[0].float()
+        unmerge_lora(model)
+        model.train(was_training)
+        diff = (merged - unmerged).abs().max().item()
+        self.metrics = {"lora/merge_max_abs_diff": diff, "lora/merge_ok": diff <= self.tolerance}
+        log_to_loggers(trainer, {"lora/merge_max_abs_diff": diff, "lora/merge_ok": float(diff <= self.tolerance)})
+
+
+class History(pl.Callback):
+    """The loss curves, [step, value] pairs, for summary.json and the sweep report."""
+
+    def __init__(self):
+        self.history: dict[str, list] = {"train/loss": [], "val/loss": []}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if outputs is not None:
+            self.history["train/loss"].append([trainer.global_step, outputs["loss"].item()])
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
+            return
+        curve = self.history["val/loss"]
+        if curve and curve[-1][0] == trainer.global_step:  # validated again at the same step
+            curve.pop()
+        curve.append([trainer.global_step, trainer.callback_metrics["val/loss"].item()])

@@ -1,0 +1,125 @@
+"""Real text, offline: corpora that ship with Python, or the user's own files.
+
+The default experiment pretrains on the standard library's source code and
+fine-tunes on Python's reference documentation (``pydoc_data.topics``): two
+domains, no download. Text is tokenized to bytes by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+CORPORA = ("python_stdlib", "pydoc_topics", "text")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: a 256-symbol vocabulary that needs no files."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def python_stdlib_text(max_bytes: int | None = None) -> str:
+    """The standard library's top-level modules in sorted order, reading no more than needed."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        if max_bytes and size >= max_bytes:
+            break
+        parts.append(path.read_text(encoding="utf-8", errors="replace"))
+        size += len(parts[-1])
+    return "\n".join(parts)
+
+
+def pydoc_topics_text() -> str:
+    """Python's reference documentation, topic by topic in sorted order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def read_text_file(path: str) -> str:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"data file {str(file)!r} does not exist")
+    return file.read_text(encoding="utf-8", errors="replace")
+
+
+def corpus_splits(corpus: str, max_bytes: int | None = None, val_fraction: float = 0.1,
+                  train_path: str | None = None, val_path: str | None = None) -> tuple[str, str]:
+    """(train, validation) text. Built-in corpora hold out their last ``val_fraction``:
+    a deterministic split of whole topics/modules at the end, never seen in training."""
+    if corpus == "text":
+        train = read_text_file(train_path)
+        if val_path:
+            return train, read_text_file(val_path)
+    elif corpus == "python_stdlib":
+        train = python_stdlib_text(max_bytes)
+    elif corpus == "pydoc_topics":
+        train = pydoc_topics_text()
+    else:
+        raise ValueError(f"data corpus={corpus!r} is unknown: expected one of {list(CORPORA)}")
+    if max_bytes:
+        train = train[:max_bytes]
+    split = int(len(train) * (1 - val_fraction))
+    return train[:split], train[split:]
+
+
+def digest(*texts: str) -> str:
+    """A short fingerprint of a corpus, part of the base-model cache key."""
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(text.encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows of ``block_size + 1`` tokens: (input, next-token target)."""
+
+    def __init__(self, ids: torch.Tensor, block_size: int):
+        if len(ids) < block_size + 1:
+            raise ValueError(f"text of {len(ids)} tokens is shorter than one block of {block_size + 1}")
+        self.ids, self.block_size = ids, block_size
+
+    def __len__(self) -> int:
+        return (len(self.ids) - 1) // self.block_size
+
+    def __getitem__(self, i: int):
+        chunk = self.ids[i * self.block_size: (i + 1) * self.block_size + 1]
+        return chunk[:-1], chunk[1:]
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Train and validation windows of one corpus; shuffling is seeded, validation fixed."""
+
+    def __init__(self, corpus: str, block_size: int, batch_size: int = 16, val_fraction: float = 0.1,
+                 max_bytes: int | None = None, train_path: str | None = None, val_path: str | None = None,
+                 tokenizer=None, seed: int = 0):
+        super().__init__()
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        train, val = corpus_splits(corpus, max_bytes, val_fraction, train_path, val_path)
+        self.fingerprint = digest(train, val)
+        self.train_set = TokenWindows(self.encode(train), block_size)
+        self.val_set = TokenWindows(self.encode(val), block_size)
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)

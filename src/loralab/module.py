@@ -1,0 +1,65 @@
+"""The LightningModule: next-token training of a GPT's trainable parameters."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
+
+from loralab.model import GPT
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float):
+    """Linear warm-up to the peak learning rate, then cosine decay to ``min_lr_ratio`` of it."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class LitGPT(pl.LightningModule):
+    """Trains whatever in ``model`` requires grad: the LoRA adapters, or every weight
+    for full fine-tuning. A non-finite training loss stops the run as diverged."""
+
+    def __init__(self, model: GPT, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
+                 warmup_steps: int = 0, min_lr_ratio: float = 0.1, max_steps: int = 1):
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.schedule = warmup_cosine(warmup_steps, max_steps, min_lr_ratio)
+        vocab_size = model.config.vocab_size
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity(ignore_index=-1)
+        self.val_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=-1)
+        self.diverged = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # (B, T), (B, T)
+        _, loss = self.model(x, y)
+        if not torch.isfinite(loss):
+            self.diverged = True
+            self.trainer.should_stop = True
+            return None  # skips the optimizer step
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits, loss = self.model(x, y)  # (B, T, vocab)
+        self.val_loss.update(loss, weight=y.numel())
+        self.val_ppl.update(logits, y)
+        self.val_acc.update(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        self.log_dict({"val/loss": self.val_loss, "val/ppl": self.val_ppl, "val/acc": self.val_acc},
+                      prog_bar=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,135 @@
+"""One run, composed from a config: the flow of the design notes, top to bottom.
+
+    config ─► validate ─► base model (load, or pretrain once and cache) ─► seed ─►
+    data ─► inject LoRA ─► Trainer.fit ─► evaluate ─► adapter + summary.json ─►
+    close the logger ─► return the objective (best val/loss)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from loralab.base import cached_base, load_base
+from loralab.callbacks import History, MergeCheck, ParameterCount, Throughput
+from loralab.config import gpt_config, lora_config_of, validate
+from loralab.data import TextDataModule
+from loralab.lora import inject_lora, save_adapter
+from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
+from loralab.model import GPT
+from loralab.module import LitGPT
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> float:
+    """Fine-tune one run as ``cfg`` describes; return its best val/loss."""
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    identity = run_identity(cfg)
+    started = time.time()
+    summary = {"status": "failed", "error": None, "name": identity.name, "overrides": identity.overrides}
+    try:
+        validate(cfg)
+        model = base_model(cfg, identity)
+        pl.seed_everything(cfg.seed, workers=True)
+        data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed, **cfg.data)
+        lora_config = lora_config_of(cfg.lora)
+        if lora_config is not None:
+            adapted = inject_lora(model, lora_config)
+            log.info("LoRA r=%d on %d modules: %s", lora_config.rank, len(adapted), ", ".join(adapted))
+        result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim)
+        summary.update(result)
+        if summary["status"] == "completed" and lora_config is not None:
+            save_adapter(model, lora_config, run_dir / "adapter")
+        return summary["metrics"]["best/val_loss"]
+    except Exception as e:
+        summary["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        summary["wall_time_s"] = time.time() - started
+        summary["config"] = OmegaConf.to_container(cfg, resolve=False)
+        write_json(run_dir / "summary.json", summary)
+        print_result(summary)
+
+
+def base_model(cfg: DictConfig, identity: RunIdentity) -> GPT:
+    """The base GPT: a given checkpoint, or the cached pretraining for these settings."""
+    if cfg.base.checkpoint:
+        return load_base(cfg.base.checkpoint)
+    data = TextDataModule(block_size=cfg.model.block_size, seed=cfg.base.seed, corpus=cfg.base.corpus,
+                          max_bytes=cfg.base.max_bytes, val_fraction=cfg.base.val_fraction,
+                          batch_size=cfg.base.batch_size)
+    model_config = gpt_config(cfg.model)
+
+    def pretrain() -> GPT:
+        pl.seed_everything(cfg.base.seed, workers=True)
+        model = GPT(model_config)
+        optim = {"lr": cfg.base.lr, "warmup_steps": cfg.base.warmup_steps}
+        fit(cfg, model, data, identity, job_type="pretrain", optim=optim, max_steps=cfg.base.steps)
+        return model
+
+    return cached_base(model_config, cfg.base, data.fingerprint, cfg.paths.cache_dir, pretrain)
+
+
+def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity, job_type: str,
+        optim, max_steps: int | None = None) -> dict:
+    """Train ``model``'s trainable parameters; validate before and after. Returns the
+    run's status, metrics and loss history, which also go to the logger's summary."""
+    max_steps = max_steps or cfg.trainer.max_steps
+    count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
+    module = LitGPT(model, max_steps=max_steps, **optim)
+    logger = make_logger(cfg, identity, job_type)
+    trainer = pl.Trainer(**{**cfg.trainer, "max_steps": max_steps}, logger=logger or False,
+                         callbacks=[count, throughput, merge_check, history], check_val_every_n_epoch=None,
+                         num_sanity_val_steps=0, inference_mode=False, enable_checkpointing=False, enable_model_summary=False,
+                         default_root_dir=cfg.paths.output_dir)
+    status = "failed"
+    try:
+        base = trainer.validate(module, data, verbose=False)[0]
+        trainer.fit(module, data)
+        final = trainer.validate(module, data, verbose=False)[0]
+        status = "diverged" if module.diverged or not math.isfinite(final["val/loss"]) else "completed"
+        tuned = [v for _, v in history.history["val/loss"][1:]]  # the first entry is the base
+        metrics = {
+            "val/loss": final["val/loss"], "val/ppl": final["val/ppl"], "val/acc": final["val/acc"],
+            "best/val_loss": min(tuned + [final["val/loss"]]),
+            "base/val_loss": base["val/loss"], "base/val_ppl": base["val/ppl"], "base/val_acc": base["val/acc"],
+            "gain/val_loss": base["val/loss"] - final["val/loss"],
+            "train/loss": history.history["train/loss"][-1][1] if history.history["train/loss"] else None,
+            **count.metrics, **throughput.metrics, **merge_check.metrics,
+        }
+        result = {"status": status, "job_type": job_type, "steps": trainer.global_step,
+                  "metrics": metrics, "history": history.history}
+        if logger is not None and cfg.logger.name == "wandb":
+            logger.experiment.summary.update({**metrics, "status": status})
+        return result
+    finally:
+        finish_logger(logger, failed=status == "failed")
+
+
+def write_json(path: Path, content: dict) -> None:
+    """Atomically: a reader never sees half a summary."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def print_result(summary: dict) -> None:
+    m = summary.get("metrics", {})
+    line = f"[loralab] {summary['name']}: {summary['status']}"
+    if "val/loss" in m:
+        line += (f" | val/loss {m['val/loss']:.4f} (base {m['base/val_loss']:.4f}, gain {m['gain/val_loss']:+.4f})"
+                 f" | trainable {m['params/trainable']:,} ({m['params/trainable_pct']:.2f}%)")
+        if "lora/merge_max_abs_diff" in m:
+            line += f" | merge diff {m['lora/merge_max_abs_diff']:.1e} {'ok' if m['lora/merge_ok'] else 'FAILED'}"
+    if summary["error"]:
+        line += f" | {summary['error']}"
+    print(f"{line} | {summary['wall_time_s']:.1f} s", flush=True)

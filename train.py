@@ -1,0 +1,19 @@
+"""Fine-tune a GPT with LoRA as the Hydra config in conf/ says.
+
+    python train.py                          # the default experiment
+    python train.py -m lora.rank=4,8,16      # a sweep: one run per rank
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    from loralab.run import train  # imported here so --help and config errors stay fast
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
