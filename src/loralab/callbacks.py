@@ -106,7 +106,7 @@ class History(pl.Callback):
         self.history: dict[str, list] = {"train/loss": [], "val/loss": []}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if outputs is not None:
+        if outputs:  # empty when the step was skipped (a non-finite loss)
             self.history["train/loss"].append([trainer.global_step, outputs["loss"].item()])
 
     def on_validation_end(self, trainer, pl_module):

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 
 @dataclass
 class RunIdentity:
-    name: str  # from the job's overrides, e.g. "lora.rank=4"
+    name: str  # the job's swept overrides, e.g. "lora.rank=4"
     group: str | None  # the sweep directory, for multirun jobs
     overrides: list[str]
 
@@ -28,9 +29,27 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
     if not HydraConfig.initialized():  # composed without @hydra.main (e.g. the compose API)
         return RunIdentity(name=Path(cfg.paths.output_dir).name, group=None, overrides=[])
     hydra = HydraConfig.get()
-    group = Path(hydra.sweep.dir).as_posix() if hydra.mode == RunMode.MULTIRUN else None
-    return RunIdentity(name=hydra.job.override_dirname or "default", group=group,
-                       overrides=list(hydra.overrides.task))
+    overrides = list(hydra.overrides.task)
+    if hydra.mode != RunMode.MULTIRUN:
+        return RunIdentity(name=hydra.job.override_dirname or "default", group=None, overrides=overrides)
+    swept = swept_keys(Path(hydra.sweep.dir))
+    own = [o for o in overrides if swept is None or _key(o) in swept]
+    return RunIdentity(name=",".join(own) or hydra.job.override_dirname or "default",
+                       group=Path(hydra.sweep.dir).as_posix(), overrides=overrides)
+
+
+def swept_keys(sweep_dir: Path) -> set[str] | None:
+    """Keys the sweep varies (``lora.rank`` in ``-m lora.rank=4,8``), read from the
+    multirun.yaml Hydra's sweepers write before the jobs start; None if there is none."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return None
+    parsed = OverridesParser.create().parse_overrides(list(OmegaConf.load(path).hydra.overrides.task))
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+def _key(override: str) -> str:
+    return OverridesParser.create().parse_override(override).key_or_group
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -73,8 +92,10 @@ def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str):
         from pytorch_lightning.loggers import WandbLogger
         config = flatten(OmegaConf.to_container(cfg, resolve=True))
         name = identity.name if job_type == "finetune" else f"{job_type}: {identity.name}"
-        return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=name, group=identity.group,
-                           job_type=job_type, save_dir=save_dir, mode=wandb_mode(cfg.logger.mode), config=config)
+        logger = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=name, group=identity.group,
+                             job_type=job_type, save_dir=save_dir, mode=wandb_mode(cfg.logger.mode), config=config)
+        logger.experiment  # start the W&B run now, so a failure from here on is recorded in it
+        return logger
     return None
 
 

@@ -87,12 +87,12 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
     module = LitGPT(model, max_steps=max_steps, **optim)
     logger = make_logger(cfg, identity, job_type)
-    trainer = pl.Trainer(**{**cfg.trainer, "max_steps": max_steps}, logger=logger or False,
-                         callbacks=[count, throughput, merge_check, history], check_val_every_n_epoch=None,
-                         num_sanity_val_steps=0, inference_mode=False, enable_checkpointing=False, enable_model_summary=False,
-                         default_root_dir=cfg.paths.output_dir)
     status = "failed"
     try:
+        trainer = pl.Trainer(**{**cfg.trainer, "max_steps": max_steps}, logger=logger or False,
+                             callbacks=[count, throughput, merge_check, history], check_val_every_n_epoch=None,
+                             num_sanity_val_steps=0, inference_mode=False, enable_checkpointing=False,
+                             enable_model_summary=False, default_root_dir=cfg.paths.output_dir)
         base = trainer.validate(module, data, verbose=False)[0]
         trainer.fit(module, data)
         final = trainer.validate(module, data, verbose=False)[0]

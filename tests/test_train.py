@@ -1,0 +1,155 @@
+"""`python train.py` end to end: Hydra multiruns, Lightning training, W&B offline runs,
+summary.json, failures, divergence, reproducibility and config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose, run_train
+from wandb_offline import offline_runs
+
+from loralab.config import ConfigError, validate
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def tiny_qv_lora_params(rank: int) -> int:
+    """r·(in + out) for q_proj and v_proj (64 -> 64) in each of the tiny model's 2 layers."""
+    n_layer, n_embd = 2, 64
+    return n_layer * 2 * rank * (n_embd + n_embd)
+
+
+def test_rank_multirun_gives_one_wandb_run_per_job(tmp_path, base_cache):
+    sweep = tmp_path / "sweep"
+    run_train(["-m", "lora.rank=2,4,8", *TINY, f"paths.cache_dir={base_cache}", f"hydra.sweep.dir={sweep}"],
+              cwd=tmp_path)
+    for job, rank in enumerate((2, 4, 8)):
+        run_dir = sweep / str(job)
+        s = summary(run_dir)
+        assert s["status"] == "completed" and s["error"] is None
+        assert s["overrides"][0] == f"lora.rank={rank}"
+        assert s["name"] == f"lora.rank={rank}"  # named by what the sweep varies
+        m = s["metrics"]
+        assert m["params/trainable"] == tiny_qv_lora_params(rank) == m["params/lora_analytic"]
+        assert m["lora/merge_ok"] and m["lora/merge_max_abs_diff"] <= 1e-4
+        assert (run_dir / "adapter" / "adapter.safetensors").is_file()
+        assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+        finetune = [r for r in offline_runs(run_dir) if r.job_type == "finetune"]
+        assert len(finetune) == 1, "each job must be its own W&B run"
+        run = finetune[0]
+        assert run.config["lora.rank"] == rank and run.name == s["name"]
+        assert run.group == sweep.as_posix()
+        assert run.exit_code == 0
+        losses = run.metric("train/loss")
+        assert len(losses) == 12 and losses == [v for _, v in s["history"]["train/loss"]]
+        assert run.summary["params/trainable"] == tiny_qv_lora_params(rank)
+        assert run.summary["lora/merge_max_abs_diff"] <= 1e-4
+    ids = {r.run_id for job in range(3) for r in offline_runs(sweep / str(job))}
+    assert len(ids) == len(list(sweep.rglob("run-*.wandb")))  # no run was logged into twice
+
+
+def test_failing_job_does_not_stop_the_others(tmp_path, base_cache):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU, where accelerator=cuda fails")
+    sweep = tmp_path / "sweep"
+    result = run_train(["-m", "trainer.accelerator=cuda,cpu", *TINY, f"paths.cache_dir={base_cache}",
+                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, check=False)
+    assert result.returncode != 0  # the sweep as a whole failed ...
+    failed, completed = summary(sweep / "0"), summary(sweep / "1")
+    assert failed["status"] == "failed" and "cuda" in failed["error"].lower()
+    assert not (sweep / "0" / "adapter").exists()  # nothing that looks like a result
+    assert completed["status"] == "completed"  # ... but the next job still ran
+    [failed_run] = [r for r in offline_runs(sweep / "0") if r.job_type == "finetune"]
+    assert failed_run.exit_code == 1  # W&B marks the failed job's run failed
+
+
+def train_in_process(tmp_path: Path, base_cache: Path, overrides: list[str]) -> dict:
+    from loralab.run import train
+
+    cfg = compose([*TINY, "logger=none", f"paths.cache_dir={base_cache}", f"paths.output_dir={tmp_path}", *overrides])
+    train(cfg)
+    return summary(tmp_path)
+
+
+def test_diverging_run_is_marked_diverged(tmp_path, base_cache):
+    s = train_in_process(tmp_path, base_cache, ["optim.lr=1e30", "trainer.gradient_clip_val=null"])
+    assert s["status"] == "diverged"
+    assert s["steps"] < 12  # it stopped early
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_same_seed_gives_the_identical_loss_curve(tmp_path, base_cache):
+    first = train_in_process(tmp_path / "a", base_cache, ["seed=7"])
+    second = train_in_process(tmp_path / "b", base_cache, ["seed=7"])
+    other = train_in_process(tmp_path / "c", base_cache, ["seed=8"])
+    assert first["history"]["train/loss"] == second["history"]["train/loss"]
+    assert first["metrics"]["val/loss"] == second["metrics"]["val/loss"]
+    assert first["history"]["train/loss"] != other["history"]["train/loss"]
+
+
+def test_full_finetuning_trains_every_weight_and_lora_leaves_the_base_bit_identical(tmp_path, base_cache):
+    from loralab.base import load_base
+
+    full = train_in_process(tmp_path / "full", base_cache, ["lora=full"])
+    assert full["status"] == "completed"
+    assert full["metrics"]["params/trainable"] == full["metrics"]["params/total"]
+    assert full["metrics"]["params/trainable_pct"] == 100
+    assert not (tmp_path / "full" / "adapter").exists()
+
+    lora = train_in_process(tmp_path / "lora", base_cache, [])
+    [base_file] = base_cache.glob("base-*.safetensors")
+    base = load_base(base_file)
+    # The adapter on the cached base reproduces the run's final val/loss: training
+    # changed nothing but the adapter.
+    from loralab.data import TextDataModule
+    from loralab.lora import load_adapter, lora_layers
+
+    load_adapter(base, tmp_path / "lora" / "adapter")
+    assert lora_layers(base)
+    cfg = compose([*TINY, f"paths.output_dir={tmp_path}"])
+    data = TextDataModule(block_size=base.config.block_size, **cfg.data)
+    batches = list(data.val_dataloader())[: cfg.trainer.limit_val_batches]
+    with torch.no_grad():
+        losses = [base.eval()(x, y)[1] * y.numel() for x, y in batches]
+    val_loss = (sum(losses) / sum(y.numel() for _, y in batches)).item()
+    assert val_loss == pytest.approx(lora["metrics"]["val/loss"], abs=1e-5)
+    assert lora["metrics"]["gain/val_loss"] == pytest.approx(
+        lora["metrics"]["base/val_loss"] - lora["metrics"]["val/loss"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lora.rank=0", "LoRA rank=0 is invalid: expected a positive integer"),
+    ("lora.rank=1000", "rank=1000 is larger than min(in, out)=64 of layer 'transformer.h.0.attn.q_proj'"),
+    ("lora.alpha=-1", "LoRA alpha=-1 is invalid: expected a number > 0"),
+    ("lora.dropout=1.5", "LoRA dropout=1.5 is invalid"),
+    ("lora.scaling=sqrt", "LoRA scaling='sqrt' is invalid: expected one of ['standard', 'rslora']"),
+    ("lora.target_modules=[query]", "matched no nn.Linear"),
+    ("optim.lr=-1", "optim.lr=-1 is invalid: expected a number > 0"),
+    ("trainer.max_steps=0", "trainer.max_steps=0 is invalid: expected a positive integer"),
+    ("logger.mode=sometimes", "logger.mode='sometimes' is invalid"),
+    ("data.corpus=wiki", "data.corpus='wiki' is invalid: expected one of"),
+    ("+lora.rnak=4", "unknown config key 'lora.rnak'"),
+    ("data=text", "data.train_path is required"),
+    ("data=text data.train_path=/no/such/file.txt", "data.train_path='/no/such/file.txt' is invalid"),
+    ("model.n_embd=33", "n_embd=33 is not divisible by n_head=2"),
+])
+def test_bad_config_values_are_named(tmp_path, override, message):
+    cfg = compose([*TINY, f"paths.output_dir={tmp_path}", *override.split()])
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert message in str(error.value)
+
+
+def test_bad_config_is_one_line_not_a_traceback(tmp_path):
+    result = run_train(["lora.rank=-3", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "LoRA rank=-3 is invalid: expected a positive integer" in result.stderr
+    assert "Traceback" not in result.stderr
+    s = summary(tmp_path / "run")
+    assert s["status"] == "failed" and "rank=-3" in s["error"]
