@@ -184,6 +184,14 @@ def test_rank_larger_than_a_layer_names_the_layer():
     assert type(mlp[0]) is nn.Linear and mlp[0].weight.requires_grad  # nothing changed
 
 
+def test_tied_output_head_is_refused():
+    model = tiny_gpt()  # lm_head.weight is transformer.wte.weight
+    with pytest.raises(ValueError, match=r"'lm_head'.*tied to \['transformer.wte.weight'\]"):
+        inject_lora(model, LoRAConfig(rank=2, target_modules=["lm_head"]))
+    untied = tiny_gpt(tie_weights=False)
+    assert inject_lora(untied, LoRAConfig(rank=2, target_modules=["lm_head"])) == ["lm_head"]
+
+
 @pytest.mark.parametrize("field,value", [
     ("rank", 0), ("rank", -2), ("rank", 2.5), ("alpha", 0), ("alpha", -1.0), ("dropout", 1.0),
     ("dropout", -0.1), ("target_modules", []), ("target_modules", "("), ("scaling", "sqrt"), ("init", "xavier"),

@@ -176,14 +176,21 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Freeze ``model`` and wrap the targeted Linears in ``LoRALinear``, in place.
 
     Returns the names of the adapted modules. Raises before changing anything if
-    nothing matches or the rank is too large for a targeted layer.
+    nothing matches, the rank is too large for a targeted layer, or a targeted
+    weight is tied to another module (GPT-2's lm_head and wte).
     """
     targets = find_targets(model, config.target_modules)
     if not targets:
         raise ValueError(f"LoRA target_modules={config.target_modules!r} matched no nn.Linear in "
                          f"{type(model).__name__}; its Linear modules are: {linear_names(model)}")
+    owners: dict[int, list[str]] = {}
+    for param_name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(param_name)
     for name in targets:
         layer = model.get_submodule(name)
+        tied = [n for n in owners[id(layer.weight)] if n != f"{name}.weight"]
+        if tied:  # merging scale·B·A into a shared weight would change the other module too
+            raise ValueError(f"LoRA cannot adapt {name!r}: its weight is tied to {tied}")
         if config.rank > min(layer.in_features, layer.out_features):
             raise ValueError(f"LoRA rank={config.rank} is larger than min(in, out)="
                              f"{min(layer.in_features, layer.out_features)} of layer {name!r} "
