@@ -93,8 +93,10 @@ def test_same_seed_gives_the_identical_loss_curve(tmp_path, base_cache):
     assert first["history"]["train/loss"] != other["history"]["train/loss"]
 
 
-def test_full_finetuning_trains_every_weight_and_lora_leaves_the_base_bit_identical(tmp_path, base_cache):
+def test_full_finetuning_trains_every_weight_and_lora_leaves_the_base_bit_identical(tmp_path):
     from loralab.base import load_base
+
+    base_cache = tmp_path / "cache"  # its own, to hold exactly one base
 
     full = train_in_process(tmp_path / "full", base_cache, ["lora=full"])
     assert full["status"] == "completed"

@@ -16,7 +16,7 @@ import torch
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.data import CORPORA
+from loralab.data import CORPORA, ByteTokenizer
 from loralab.lora import LoRAConfig, inject_lora
 from loralab.model import GPT, GPTConfig
 
@@ -51,6 +51,8 @@ def validate(cfg: DictConfig) -> None:
             where = f"{section}.{unknown[0]}" if section else unknown[0]
             raise ConfigError(f"unknown config key {where!r}: allowed keys are {sorted(allowed)}")
     model_config = _check("model", lambda: gpt_config(cfg.model))
+    _require(bool(cfg.model.pretrained) or model_config.vocab_size >= ByteTokenizer.vocab_size, "model.vocab_size",
+             model_config.vocab_size, f"at least {ByteTokenizer.vocab_size} for the byte tokenizer")
     lora_config = _check("lora", lambda: lora_config_of(cfg.lora))
     if lora_config is not None and not cfg.model.pretrained:
         with torch.device("meta"):  # rank against the real layer shapes, at no cost
@@ -83,7 +85,7 @@ def lora_config_of(lora_cfg: DictConfig) -> LoRAConfig | None:
     """The LoRAConfig a ``lora`` section describes, or None for full fine-tuning."""
     if not lora_cfg.enabled:
         return None
-    values = OmegaConf.to_container(lora_cfg)
+    values = OmegaConf.to_container(lora_cfg, resolve=True)
     values.pop("enabled")
     return LoRAConfig(**values)
 

@@ -2,7 +2,8 @@
 
 The default experiment pretrains on the standard library's source code and
 fine-tunes on Python's reference documentation (``pydoc_data.topics``): two
-domains, no download. Text is tokenized to bytes by default.
+domains, no download. Text is tokenized to bytes, or by the tokenizer a GPT-2
+checkpoint directory holds.
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
+
+
+class PretrainedTokenizer:
+    """A Hugging Face ``tokenizers.Tokenizer`` read from disk (a GPT-2 checkpoint's own)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
 
 
 def python_stdlib_text(max_bytes: int | None = None) -> str:

@@ -39,13 +39,16 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
 
 
 def swept_keys(sweep_dir: Path) -> set[str] | None:
-    """Keys the sweep varies (``lora.rank`` in ``-m lora.rank=4,8``), read from the
-    multirun.yaml Hydra's sweepers write before the jobs start; None if there is none."""
+    """Keys the sweep varies (``lora.rank`` in ``-m lora.rank=4,8``, or in an experiment's
+    ``hydra.sweeper.params``), read from the multirun.yaml Hydra's sweepers write before
+    the jobs start; None if there is none."""
     path = sweep_dir / "multirun.yaml"
     if not path.exists():
         return None
-    parsed = OverridesParser.create().parse_overrides(list(OmegaConf.load(path).hydra.overrides.task))
-    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+    hydra = OmegaConf.load(path).hydra
+    parsed = OverridesParser.create().parse_overrides(list(hydra.overrides.task))
+    from_config = hydra.sweeper.get("params") or {}  # sweeps an experiment file declares
+    return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(from_config)
 
 
 def _key(override: str) -> str:

@@ -20,11 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from loralab.base import cached_base, load_base
 from loralab.callbacks import History, MergeCheck, ParameterCount, Throughput
 from loralab.config import gpt_config, lora_config_of, validate
-from loralab.data import TextDataModule
+from loralab.data import ByteTokenizer, PretrainedTokenizer, TextDataModule
+from loralab.hf import load_gpt2, load_gpt2_tokenizer
 from loralab.lora import inject_lora, save_adapter
 from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
 from loralab.model import GPT
 from loralab.module import LitGPT
+from loralab.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,8 @@ def train(cfg: DictConfig) -> float:
         validate(cfg)
         model = base_model(cfg, identity)
         pl.seed_everything(cfg.seed, workers=True)
-        data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed, **cfg.data)
+        data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed, tokenizer=tokenizer(cfg),
+                              **cfg.data)
         lora_config = lora_config_of(cfg.lora)
         if lora_config is not None:
             adapted = inject_lora(model, lora_config)
@@ -58,10 +61,18 @@ def train(cfg: DictConfig) -> float:
         summary["config"] = OmegaConf.to_container(cfg, resolve=False)
         write_json(run_dir / "summary.json", summary)
         print_result(summary)
+        if identity.group is not None:  # every job rewrites it: Hydra skips on_multirun_end once a job raised
+            try:
+                write_report(run_dir.parent)
+            except Exception as e:  # a broken report must not mask the job's own result or error
+                log.warning("sweep report not written in %s: %s", run_dir.parent, e)
 
 
 def base_model(cfg: DictConfig, identity: RunIdentity) -> GPT:
-    """The base GPT: a given checkpoint, or the cached pretraining for these settings."""
+    """The base GPT: a Hugging Face GPT-2 directory, a given checkpoint, or the cached
+    pretraining for these settings."""
+    if cfg.model.pretrained:
+        return load_gpt2(cfg.model.pretrained, dropout=cfg.model.dropout)
     if cfg.base.checkpoint:
         return load_base(cfg.base.checkpoint)
     data = TextDataModule(block_size=cfg.model.block_size, seed=cfg.base.seed, corpus=cfg.base.corpus,
@@ -77,6 +88,15 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> GPT:
         return model
 
     return cached_base(model_config, cfg.base, data.fingerprint, cfg.paths.cache_dir, pretrain)
+
+
+def tokenizer(cfg: DictConfig) -> ByteTokenizer | PretrainedTokenizer:
+    """The GPT-2 checkpoint's own tokenizer when its directory holds one, else bytes."""
+    if cfg.model.pretrained:
+        saved = load_gpt2_tokenizer(cfg.model.pretrained)
+        if saved is not None:
+            return PretrainedTokenizer(saved)
+    return ByteTokenizer()
 
 
 def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity, job_type: str,

@@ -1,0 +1,63 @@
+"""The base model cache: pretrained once per settings, shared by concurrent jobs."""
+
+import multiprocessing as mp
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from loralab.base import cache_key, cached_base, load_base, save_base
+from loralab.model import GPT, GPTConfig
+
+CONFIG = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16)
+BASE = OmegaConf.create({"checkpoint": None, "corpus": "python_stdlib", "steps": 10, "lr": 1e-3, "seed": 0})
+
+
+def slow_pretrain_job(cache_dir, calls_dir, job):
+    def pretrain():
+        (calls_dir / f"pretrained-by-{job}").touch()
+        time.sleep(1.0)  # long enough for the other job to arrive while this one works
+        torch.manual_seed(0)
+        return GPT(CONFIG)
+
+    model = cached_base(CONFIG, BASE, "corpus-digest", cache_dir, pretrain)
+    torch.save(model.state_dict(), calls_dir / f"weights-{job}.pt")
+
+
+def test_two_concurrent_jobs_pretrain_once_and_get_the_same_base(tmp_path):
+    cache_dir, calls_dir = tmp_path / "cache", tmp_path / "calls"
+    calls_dir.mkdir()
+    jobs = [mp.get_context("spawn").Process(target=slow_pretrain_job, args=(cache_dir, calls_dir, i)) for i in (0, 1)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=120)
+        assert job.exitcode == 0
+    assert len(list(calls_dir.glob("pretrained-by-*"))) == 1
+    a, b = (torch.load(calls_dir / f"weights-{i}.pt") for i in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list(cache_dir.glob("base-*.safetensors"))) == 1
+
+
+def test_cache_key_changes_with_everything_that_determines_the_base():
+    key = cache_key(CONFIG, BASE, "digest")
+    assert key == cache_key(GPTConfig(**vars(CONFIG)), OmegaConf.create(dict(BASE)), "digest")
+    assert key != cache_key(GPTConfig(**{**vars(CONFIG), "n_layer": 2}), BASE, "digest")
+    assert key != cache_key(CONFIG, OmegaConf.merge(BASE, {"steps": 11}), "digest")
+    assert key != cache_key(CONFIG, BASE, "another corpus")
+    assert key == cache_key(CONFIG, OmegaConf.merge(BASE, {"checkpoint": "x"}), "digest")  # not a setting
+
+
+def test_base_checkpoint_roundtrip_keeps_weights_config_and_tying(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    save_base(model, tmp_path / "base.safetensors")
+    loaded = load_base(tmp_path / "base.safetensors")
+    assert loaded.config == CONFIG
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not a loralab base checkpoint"):
+        load_base(tmp_path / "other.safetensors")
