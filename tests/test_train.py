@@ -3,6 +3,7 @@ summary.json, failures, divergence, reproducibility and config errors."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -69,10 +70,11 @@ def test_failing_job_does_not_stop_the_others(tmp_path, base_cache):
     assert failed_run.exit_code == 1  # W&B marks the failed job's run failed
 
 
-def train_in_process(tmp_path: Path, base_cache: Path, overrides: list[str]) -> dict:
+def train_in_process(tmp_path: Path, base_cache: Path, overrides: list[str], logger: str = "none") -> dict:
     from loralab.run import train
 
-    cfg = compose([*TINY, "logger=none", f"paths.cache_dir={base_cache}", f"paths.output_dir={tmp_path}", *overrides])
+    cfg = compose([*TINY, f"logger={logger}", f"paths.cache_dir={base_cache}", f"paths.output_dir={tmp_path}",
+                   *overrides])
     train(cfg)
     return summary(tmp_path)
 
@@ -93,10 +95,8 @@ def test_same_seed_gives_the_identical_loss_curve(tmp_path, base_cache):
     assert first["history"]["train/loss"] != other["history"]["train/loss"]
 
 
-def test_full_finetuning_trains_every_weight_and_lora_leaves_the_base_bit_identical(tmp_path):
+def test_full_finetuning_trains_every_weight_and_lora_leaves_the_base_bit_identical(tmp_path, base_cache):
     from loralab.base import load_base
-
-    base_cache = tmp_path / "cache"  # its own, to hold exactly one base
 
     full = train_in_process(tmp_path / "full", base_cache, ["lora=full"])
     assert full["status"] == "completed"
@@ -105,8 +105,7 @@ def test_full_finetuning_trains_every_weight_and_lora_leaves_the_base_bit_identi
     assert not (tmp_path / "full" / "adapter").exists()
 
     lora = train_in_process(tmp_path / "lora", base_cache, [])
-    [base_file] = base_cache.glob("base-*.safetensors")
-    base = load_base(base_file)
+    base = load_base(tiny_base_file(base_cache))
     # The adapter on the cached base reproduces the run's final val/loss: training
     # changed nothing but the adapter.
     from loralab.data import TextDataModule
@@ -123,6 +122,49 @@ def test_full_finetuning_trains_every_weight_and_lora_leaves_the_base_bit_identi
     assert val_loss == pytest.approx(lora["metrics"]["val/loss"], abs=1e-5)
     assert lora["metrics"]["gain/val_loss"] == pytest.approx(
         lora["metrics"]["base/val_loss"] - lora["metrics"]["val/loss"])
+
+
+def tiny_base_file(base_cache: Path) -> Path:
+    """The cached base of the TINY config (the cache also holds other tests' bases)."""
+    from loralab.base import load_base
+    from loralab.config import gpt_config
+
+    tiny = gpt_config(compose(TINY).model)
+    [path] = [p for p in base_cache.glob("base-*.safetensors") if load_base(p).config == tiny]
+    return path
+
+
+def test_own_text_files_with_the_csv_logger(tmp_path, base_cache):
+    import string
+    import textwrap
+
+    s = train_in_process(tmp_path, base_cache, ["data=text", f"data.train_path={textwrap.__file__}",
+                                                f"data.val_path={string.__file__}"], logger="csv")
+    assert s["status"] == "completed"
+    rows = list(csv.DictReader((tmp_path / "csv" / "finetune" / "metrics.csv").open()))
+    logged = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert logged == pytest.approx([v for _, v in s["history"]["train/loss"]])
+    # validation is on string.py: the base's val/loss there is what the base computes on its bytes
+    from loralab.base import load_base
+    from loralab.data import TextDataModule
+
+    data = TextDataModule(corpus="text", train_path=textwrap.__file__, val_path=string.__file__, block_size=64,
+                          batch_size=8)
+    base = load_base(tiny_base_file(base_cache)).eval()
+    batches = list(data.val_dataloader())[:2]
+    with torch.no_grad():
+        total = sum(base(x, y)[1] * y.numel() for x, y in batches) / sum(y.numel() for _, y in batches)
+    assert s["metrics"]["base/val_loss"] == pytest.approx(total.item(), abs=1e-5)
+
+
+def test_tensorboard_logger_and_a_given_base_checkpoint(tmp_path, base_cache):
+    pytest.importorskip("tensorboard")
+    cached = train_in_process(tmp_path / "cached", base_cache, [])
+    s = train_in_process(tmp_path / "given", base_cache, [f"base.checkpoint={tiny_base_file(base_cache)}"],
+                         logger="tensorboard")
+    assert s["status"] == "completed"
+    assert list((tmp_path / "given" / "tensorboard" / "finetune").glob("events.out.tfevents.*"))
+    assert s["metrics"]["base/val_loss"] == cached["metrics"]["base/val_loss"]
 
 
 @pytest.mark.parametrize("override,message", [

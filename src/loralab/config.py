@@ -7,6 +7,7 @@ without a traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from dataclasses import fields
 from pathlib import Path
@@ -72,6 +73,9 @@ def validate(cfg: DictConfig) -> None:
              cfg.optim.warmup_steps, "an integer >= 0")
     _positive_int(cfg.trainer.max_steps, "trainer.max_steps")
     _require(cfg.logger.name in LOGGERS, "logger.name", cfg.logger.name, f"one of {list(LOGGERS)}")
+    if cfg.logger.name == "tensorboard":
+        _require(importlib.util.find_spec("tensorboard") is not None, "logger", "tensorboard",
+                 "an installed logger: `pip install tensorboard` first (or choose logger=csv)")
     if cfg.logger.name == "wandb":
         _require(cfg.logger.mode in WANDB_MODES, "logger.mode", cfg.logger.mode, f"one of {list(WANDB_MODES)}")
     _positive(cfg.merge_tolerance, "merge_tolerance")
