@@ -25,7 +25,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .lora import LoRAConfig, LoRALinear, find_targets, lora_layers, merge_lora
+from .lora import LoRAConfig, LoRALinear, find_targets, lora_layers, merge_lora, replace_module
 from .model import GPT, GPTConfig
 
 CONFIG = "config.json"
@@ -494,9 +494,8 @@ def _wrap(model: nn.Module, plan: dict, config: LoRAConfig, directory: Path) -> 
                              f"this model needs ({rank}, {base.in_features}) and ({base.out_features}, {rank})")
     model.requires_grad_(False)
     for name, (rank, alpha, A, B) in plan.items():
-        parent_name, _, leaf = name.rpartition(".")
         layer = LoRALinear(model.get_submodule(name), rank, alpha, config.dropout, config.scaling, config.init)
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
-        setattr(model.get_submodule(parent_name), leaf, layer)
+        replace_module(model, name, layer)

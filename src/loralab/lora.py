@@ -197,11 +197,15 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
                              f"({layer.in_features} -> {layer.out_features})")
     model.requires_grad_(False)
     for name in targets:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), config.rank, config.alpha,
-                                         config.dropout, config.scaling, config.init))
+        replace_module(model, name, LoRALinear(model.get_submodule(name), config.rank, config.alpha,
+                                               config.dropout, config.scaling, config.init))
     return targets
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``model``'s submodule ``name`` (e.g. ``transformer.h.0.attn.q_proj``) was."""
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), leaf, module)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -221,8 +225,7 @@ def unmerge_lora(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every ``LoRALinear`` by a plain ``nn.Linear`` with the merged weight, in place."""
     for name, layer in lora_layers(model).items():
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, layer.to_linear())
+        replace_module(model, name, layer.to_linear())
     return model
 
 
