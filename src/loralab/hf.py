@@ -25,8 +25,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .lora import LoRAConfig, LoRALinear, find_targets, lora_layers, merge_lora, replace_module
-from .model import GPT, GPTConfig
+from loralab.lora import LoRAConfig, LoRALinear, find_targets, lora_layers, merge_lora, replace_module
+from loralab.model import GPT, GPTConfig
 
 CONFIG = "config.json"
 # in order of preference; an index file names the shards of a large checkpoint
