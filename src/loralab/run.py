@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from loralab.lora import inject_lora, save_adapter
 from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
 from loralab.model import GPT
 from loralab.module import LitGPT
-from loralab.report import write_report
+from loralab.report import write_atomic, write_report
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def train(cfg: DictConfig) -> float:
     finally:
         summary["wall_time_s"] = time.time() - started
         summary["config"] = OmegaConf.to_container(cfg, resolve=False)
-        write_json(run_dir / "summary.json", summary)
+        write_atomic(run_dir / "summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
         print_result(summary)
         if identity.group is not None:  # every job rewrites it: Hydra skips on_multirun_end once a job raised
             try:
@@ -133,13 +132,6 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
         return result
     finally:
         finish_logger(logger, failed=status == "failed")
-
-
-def write_json(path: Path, content: dict) -> None:
-    """Atomically: a reader never sees half a summary."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def print_result(summary: dict) -> None:
