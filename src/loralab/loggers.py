@@ -17,6 +17,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from loralab.report import parse_overrides
+
 
 @dataclass
 class RunIdentity:
@@ -33,7 +35,7 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
     if hydra.mode != RunMode.MULTIRUN:
         return RunIdentity(name=hydra.job.override_dirname or "default", group=None, overrides=overrides)
     swept = swept_keys(Path(hydra.sweep.dir))
-    own = [o for o in overrides if swept is None or _key(o) in swept]
+    own = [override for key, _, override in parse_overrides(overrides) if swept is None or key in swept]
     return RunIdentity(name=",".join(own) or hydra.job.override_dirname or "default",
                        group=Path(hydra.sweep.dir).as_posix(), overrides=overrides)
 
@@ -50,9 +52,6 @@ def swept_keys(sweep_dir: Path) -> set[str] | None:
     from_config = hydra.sweeper.get("params") or {}  # sweeps an experiment file declares
     return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(from_config)
 
-
-def _key(override: str) -> str:
-    return OverridesParser.create().parse_override(override).key_or_group
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
