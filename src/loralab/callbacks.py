@@ -78,7 +78,7 @@ class MergeCheck(pl.Callback):
     largest logit (at least 1): float32 rounding grows with the logits' scale, a wrong
     merge does not hide in it."""
 
-    def __init__(self, tolerance: float = 1e-4):
+    def __init__(self, tolerance: float):
         self.tolerance = tolerance
         self.metrics: dict = {}
 
