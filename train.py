@@ -7,6 +7,8 @@
 import hydra
 from omegaconf import DictConfig
 
+import loralab.schema  # noqa: F401  registers the config schema (train_schema) before Hydra composes
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:

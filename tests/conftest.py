@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,9 +46,31 @@ def run_train(args: list[str], cwd: Path, check: bool = True) -> subprocess.Comp
     return result
 
 
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def tiny_hf_gpt2(seed: int = 0, **config):
+    """A random ``transformers`` GPT2LMHeadModel of the given GPT2Config sizes, biases and
+    LayerNorms moved off their init, so a swapped or dropped parameter shows in the logits."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    last = config["vocab_size"] - 1  # <|endoftext|> is GPT-2's last token
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config, bos_token_id=last, eos_token_id=last))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
 def compose(overrides: list[str]):
     """The real config from conf/, composed with ``overrides`` (no Hydra run directory)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import loralab.schema  # noqa: F401  registers train_schema, as train.py does
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)

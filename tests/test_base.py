@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from loralab.base import cache_key, cached_base, load_base, save_base
+from loralab.base import BaseError, cache_key, cached_base, load_base, save_base
 from loralab.model import GPT, GPTConfig
 
 CONFIG = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16)
@@ -22,7 +22,7 @@ def slow_pretrain_job(cache_dir, calls_dir, job):
         torch.manual_seed(0)
         return GPT(CONFIG)
 
-    model = cached_base(CONFIG, BASE, "corpus-digest", cache_dir, pretrain)
+    model, _ = cached_base(CONFIG, BASE, "corpus-digest", cache_dir, pretrain)
     torch.save(model.state_dict(), calls_dir / f"weights-{job}.pt")
 
 
@@ -54,10 +54,10 @@ def test_base_checkpoint_roundtrip_keeps_weights_config_and_tying(tmp_path):
     torch.manual_seed(0)
     model = GPT(CONFIG)
     save_base(model, tmp_path / "base.safetensors")
-    loaded = load_base(tmp_path / "base.safetensors")
+    loaded, _ = load_base(tmp_path / "base.safetensors")
     assert loaded.config == CONFIG
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match="not a loralab base checkpoint"):
+    with pytest.raises(BaseError, match="not a loralab base checkpoint"):
         load_base(tmp_path / "other.safetensors")

@@ -4,17 +4,19 @@ validation at its real size, and runs for a couple of steps."""
 import itertools
 
 import pytest
-from conftest import ROOT, TINY, compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from loralab.config import validate
+
+from conftest import ROOT, TINY, compose
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
 def sweep_points(experiment: str) -> list[list[str]]:
     """The jobs ``python train.py -m experiment=NAME`` launches, as lists of overrides."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
@@ -37,8 +39,28 @@ def test_every_sweep_point_is_a_valid_config(tmp_path, experiment):
         validate(compose([f"experiment={experiment}", *point, f"paths.output_dir={tmp_path}"]))
 
 
+# (in, out) of each Linear a GPT block has, for a model n_embd wide
+LINEAR_SHAPES = {"q_proj": (1, 1), "k_proj": (1, 1), "v_proj": (1, 1), "o_proj": (1, 1), "fc_in": (1, 4), "fc_out": (4, 1)}
+
+
+def expected_trainable(cfg) -> int:
+    """What the run must train, counted from its config alone: Σ r·(in + out) over the
+    adapted Linears of every block, or every weight for full fine-tuning."""
+    n_layer, n_embd = cfg.model.n_layer, cfg.model.n_embd
+    if not cfg.lora.enabled:
+        from loralab.config import gpt_config
+        from loralab.model import GPT
+
+        return sum(p.numel() for p in GPT(gpt_config(cfg.model)).parameters())
+    targets = LINEAR_SHAPES if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules
+    return n_layer * sum(cfg.lora.rank * n_embd * sum(LINEAR_SHAPES[name]) for name in targets)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_runs_a_couple_of_steps(tmp_path, base_cache, experiment):
+def test_experiment_runs_a_couple_of_steps_with_its_own_settings(tmp_path, base_cache, experiment):
+    from conftest import read_summary
+
     from loralab.run import train
 
     first, last = sweep_points(experiment)[0], sweep_points(experiment)[-1]
@@ -46,4 +68,7 @@ def test_experiment_runs_a_couple_of_steps(tmp_path, base_cache, experiment):
         # the tiny model made 128 wide, as wide as the default: room for every experiment's largest rank
         cfg = compose([f"experiment={experiment}", *point, *TINY, "model.n_embd=128", "trainer.max_steps=2",
                        "logger=none", f"paths.cache_dir={base_cache}", f"paths.output_dir={tmp_path / str(i)}"])
-        assert train(cfg) > 0
+        best = train(cfg)
+        s = read_summary(tmp_path / str(i))
+        assert s["status"] == "completed" and best == s["metrics"]["best/val_loss"]
+        assert s["metrics"]["params/trainable"] == expected_trainable(cfg), point

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 checkpoints in our GPT (hf.py), checked against transformers itself."""
+"""Hugging Face GPT-2 checkpoints in our GPT (gpt2.py), checked against transformers itself."""
 
 import json
 import os
@@ -9,24 +9,18 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest
 import torch
 
+import conftest
+
 transformers = pytest.importorskip("transformers")
 
-from loralab.hf import gpt2_state_dict, load_gpt2, load_gpt2_tokenizer
+from loralab.data import PretrainedTokenizer
+from loralab.gpt2 import gpt2_state_dict, load_gpt2
 
 TINY = dict(vocab_size=101, n_positions=24, n_embd=32, n_layer=2, n_head=2)
 
 
 def tiny_hf_gpt2(seed=0, **overrides):
-    """A random GPT2LMHeadModel whose biases and LayerNorms are not at their init, so a swapped or
-    dropped parameter shows in the logits."""
-    torch.manual_seed(seed)
-    sizes = {**TINY, **overrides}
-    last = sizes["vocab_size"] - 1  # <|endoftext|> is GPT-2's last token
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**sizes, bos_token_id=last, eos_token_id=last))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+    return conftest.tiny_hf_gpt2(seed, **{**TINY, **overrides})
 
 
 def assert_same_logits(ours, theirs, vocab_size, block_size, atol=1e-4):
@@ -131,19 +125,25 @@ def train_byte_level_bpe():
     return tokenizer
 
 
-@pytest.mark.parametrize("files", ["tokenizer.json", "vocab.json+merges.txt"])
-def test_tokenizer_from_disk(tmp_path, files):
+def test_tokenizer_json_from_disk(tmp_path):
     reference = train_byte_level_bpe()
-    if files == "tokenizer.json":
-        reference.save(str(tmp_path / "tokenizer.json"))
-    else:
-        reference.save_model(str(tmp_path))
-        tiny_hf_gpt2().config.to_json_file(tmp_path / "config.json")  # says model_type gpt2
-    tokenizer = load_gpt2_tokenizer(tmp_path)
+    reference.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = PretrainedTokenizer.from_directory(tmp_path)
     text = "The lazy fox reads a path:\n\tdef dog(): return 42 — naïve"
-    assert tokenizer.encode(text).ids == reference.encode(text).ids
-    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+    assert tokenizer.encode(text) == reference.encode(text).ids
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_vocab_and_merges_tokenize_as_transformers_gpt2_tokenizer(tmp_path):
+    """The older GPT-2 files, read with `tokenizers` alone, against transformers' own
+    (pure Python) GPT2Tokenizer reading the same files."""
+    train_byte_level_bpe().save_model(str(tmp_path))
+    reference = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    tokenizer = PretrainedTokenizer.from_directory(tmp_path)
+    text = "The lazy fox reads a path:\n\tdef dog(): return 42 — naïve  spaces"
+    assert tokenizer.encode(text) == reference.encode(text)
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_no_tokenizer_is_none(tmp_path):
-    assert load_gpt2_tokenizer(tmp_path) is None
+    assert PretrainedTokenizer.from_directory(tmp_path) is None

@@ -3,15 +3,18 @@ to Hugging Face: as a PEFT adapter and as a merged checkpoint."""
 
 import pytest
 import torch
-from conftest import TINY, compose, run_train
-from test_train import summary
+
+from conftest import TINY, compose, run_train, tiny_hf_gpt2
+from conftest import read_summary as summary
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.slow  # fine-tunes through train.py
 tokenizers = pytest.importorskip("tokenizers")
 
 from loralab.data import PretrainedTokenizer, pydoc_topics_text
-from loralab.export import load_run, main as export
+from loralab.export import load_finetuned
+from loralab.export import main as export
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +24,12 @@ def gpt2_dir(tmp_path_factory):
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator([pydoc_topics_text()[:50_000]], trainer)
     tokenizer.save(str(directory / "tokenizer.json"))
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=tokenizer.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=2))
-    model.save_pretrained(directory)
+    tiny_hf_gpt2(vocab_size=tokenizer.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=2
+                 ).save_pretrained(directory)
     return directory
 
 
@@ -43,7 +45,7 @@ def test_gpt2_checkpoint_fine_tunes_through_train_py_and_exports(tmp_path, gpt2_
     assert m["params/total"] == hf.num_parameters() + m["params/lora_analytic"]  # sizes from config.json
     assert m["params/lora_analytic"] == 2 * 2 * 2 * (32 + 32)  # layers · (q, v) · r · (in + out)
 
-    ours, lora_config, _ = load_run(run_dir)
+    ours, lora_config, _ = load_finetuned(run_dir)
     ours.eval()
     idx = torch.randint(0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -1,8 +1,10 @@
-"""Run naming and W&B mode selection (loggers.py)."""
+"""Run naming (overrides.py) and W&B mode selection (loggers.py)."""
 
 import pytest
+from omegaconf import OmegaConf
 
-from loralab.loggers import flatten, swept_keys, wandb_mode
+from loralab.loggers import flatten, wandb_mode
+from loralab.overrides import declared_sweep, sweep_label
 
 
 def test_flatten_gives_dotted_keys_wandb_can_group_by():
@@ -30,9 +32,56 @@ def test_wandb_mode(monkeypatch, tmp_path, env, netrc, mode, expected):
     assert wandb_mode(mode) == expected
 
 
-def test_swept_keys_from_the_command_line_and_from_an_experiment(tmp_path):
-    assert swept_keys(tmp_path) is None  # no multirun.yaml: not a sweep Hydra wrote
-    (tmp_path / "multirun.yaml").write_text(
-        "hydra:\n  overrides:\n    task: ['lora.rank=4,8', 'model=tiny', 'lora/targets=qv,all']\n"
-        "  sweeper:\n    params:\n      lora.alpha: 1,2\n")
-    assert swept_keys(tmp_path) == {"lora.rank", "lora/targets", "lora.alpha"}
+def write_multirun_yaml(sweep_dir, task: list[str], params: dict[str, str]) -> None:
+    """What Hydra's sweepers write into a sweep directory before any job starts."""
+    (sweep_dir / "multirun.yaml").write_text(OmegaConf.to_yaml(
+        {"hydra": {"overrides": {"task": task}, "sweeper": {"params": params}}}))
+
+
+def test_no_multirun_yaml_is_no_declared_sweep(tmp_path):
+    assert declared_sweep(tmp_path) is None
+
+
+@pytest.mark.parametrize("task,params,job_overrides,label", [
+    # command-line sweeps: a key, a group, and both
+    (["lora.rank=4,8", "model=tiny"], {}, ["lora.rank=4", "model=tiny"], "lora.rank=4"),
+    (["lora/targets=q,qv"], {}, ["lora/targets=qv"], "lora/targets=qv"),
+    (["lora.rank=4,8", "lora/targets=q,qv"], {}, ["lora.rank=8", "lora/targets=q"], "lora.rank=8,lora/targets=q"),
+    # sweeps an experiment file declares, with + and ++ prefixes (the job's override keeps its prefix)
+    (["experiment=target_modules", "logger=none"], {"+lora/budget": "q,v,qv"},
+     ["+lora/budget=q", "experiment=target_modules", "logger=none"], "+lora/budget=q"),
+    (["experiment=x"], {"++lora.alpha": "8,16"}, ["++lora.alpha=16", "experiment=x"], "++lora.alpha=16"),
+    (["experiment=x", "seed=1,2"], {"lora.rank": "4,8"}, ["lora.rank=4", "experiment=x", "seed=2"],
+     "seed=2,lora.rank=4"),
+])
+def test_a_run_is_named_by_what_its_sweep_varies(tmp_path, task, params, job_overrides, label):
+    write_multirun_yaml(tmp_path, task, params)
+    swept, _ = declared_sweep(tmp_path)
+    assert sweep_label(job_overrides, swept) == label
+
+
+@pytest.mark.parametrize("failed,exit_code", [(True, 1), (False, 0)])
+def test_a_failed_job_marks_its_wandb_run_failed(tmp_path, failed, exit_code):
+    from pytorch_lightning.loggers import WandbLogger
+    from wandb_offline import offline_runs
+
+    from loralab.loggers import finish_logger
+
+    logger = WandbLogger(project="loralab", name="job", save_dir=str(tmp_path), mode="offline")
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    finish_logger(logger, failed=failed)
+    [run] = offline_runs(tmp_path)
+    assert run.name == "job" and run.exit_code == exit_code
+
+
+def test_setting_id_is_shared_by_seeds_and_differs_between_settings(tmp_path):
+    from conftest import TINY, compose
+
+    from loralab.loggers import setting_id
+
+    def sid(*overrides):
+        return setting_id(compose([*TINY, f"paths.output_dir={tmp_path}", *overrides]))
+
+    seed1 = sid("seed=1")
+    assert seed1 == sid("seed=2") == sid("seed=3", "logger=none", f"paths.cache_dir={tmp_path}")
+    assert len({seed1, sid("seed=1", "lora.rank=4"), sid("seed=1", "lora=full"), sid("optim.lr=0.02")}) == 4

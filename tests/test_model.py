@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from loralab.lora import LoRAConfig, inject_lora
 from loralab.model import GPT, GPTConfig
@@ -96,7 +95,8 @@ def byte_batches(path, seed, batch_size=16, length=25):
     data = torch.tensor(list(Path(path).read_bytes()[:8000]), dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     while True:
-        chunk = torch.stack([data[s:s + length] for s in torch.randint(0, len(data) - length, (batch_size,), generator=g)])
+        starts = torch.randint(0, len(data) - length, (batch_size,), generator=g)
+        chunk = torch.stack([data[s:s + length] for s in starts])
         yield chunk[:, :-1], chunk[:, 1:]
 
 

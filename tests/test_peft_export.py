@@ -1,4 +1,4 @@
-"""Adapters that travel (hf.py): ours -> PEFT on Hugging Face's GPT-2, PEFT -> ours, and merged GPT-2
+"""Adapters that travel (peft_adapter.py, gpt2.py): ours -> PEFT on Hugging Face's GPT-2, PEFT -> ours, and merged GPT-2
 checkpoints, each checked against transformers + peft computing the same logits."""
 
 import json
@@ -12,12 +12,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_hf_gpt2
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from loralab.hf import (PEFT_WEIGHTS, export_peft_adapter, gpt2_state_dict, import_peft_adapter, load_gpt2,
-                        save_merged_gpt2)
+from loralab.gpt2 import gpt2_state_dict, load_gpt2, save_merged_gpt2
 from loralab.lora import LoRAConfig, inject_lora, lora_layers, lora_state_dict
+from loralab.peft_adapter import PEFT_WEIGHTS, export_peft_adapter, import_peft_adapter
 
 TINY = dict(vocab_size=101, n_positions=16, n_embd=32, n_layer=2, n_head=2)
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out"]
@@ -37,14 +39,7 @@ IDS = ["qv", "qv-rslora", "k-rslora", "all-rslora", "all-linear", "per-block-reg
 @pytest.fixture
 def gpt2_dir(tmp_path_factory, request):
     """A random tiny GPT-2 saved by transformers, biases and LayerNorms off their init."""
-    torch.manual_seed(0)
-    tie = getattr(request, "param", True)
-    last = TINY["vocab_size"] - 1
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        **TINY, tie_word_embeddings=tie, bos_token_id=last, eos_token_id=last))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    model = tiny_hf_gpt2(**TINY, tie_word_embeddings=getattr(request, "param", True))
     directory = tmp_path_factory.mktemp("gpt2")
     model.save_pretrained(directory)
     return directory

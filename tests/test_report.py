@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_train
 
 from loralab.report import varying_keys, write_report
+
+from conftest import TINY, run_train
+from conftest import read_summary as summary
 
 PLOTS = ("loss_curves.png", "val_loss_vs_rank.png", "val_loss_vs_params.png")
 RANK_TOO_LARGE = "rank=1000 is larger than min(in, out)=64"
@@ -40,10 +42,8 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
 
-
+@pytest.mark.slow
 def test_multirun_ends_with_one_row_per_job_holding_the_runs_own_numbers(sweep):
     sweep_dir, result = sweep
     rows = read_csv(sweep_dir / "report.csv")
@@ -66,6 +66,7 @@ def test_multirun_ends_with_one_row_per_job_holding_the_runs_own_numbers(sweep):
     assert "| job | overrides | status |" in result.stdout  # printed at the end of the sweep
 
 
+@pytest.mark.slow
 def test_plots_are_non_empty_images(sweep):
     from matplotlib.image import imread
 
@@ -77,6 +78,7 @@ def test_plots_are_non_empty_images(sweep):
         assert (pixels < 0.9).any(), f"{name} is blank"
 
 
+@pytest.mark.slow
 def test_cli_rebuilds_the_same_report_from_disk(sweep):
     sweep_dir, _ = sweep
     before = (sweep_dir / "report.csv").read_text()
@@ -94,6 +96,7 @@ def test_cli_names_a_path_that_is_not_a_sweep(tmp_path, make):
     assert str(path) in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_full_finetuning_baseline_joins_the_sweep_as_a_reference(sweep, tmp_path, base_cache):
     sweep_dir, _ = sweep
     swept = shutil.copytree(sweep_dir, tmp_path / "sweep")
@@ -114,6 +117,68 @@ def fake_job(sweep_dir: Path, job: str, overrides: list[str], summary: dict | No
     (sweep_dir / job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     if summary is not None:
         (sweep_dir / job / "summary.json").write_text(json.dumps({"overrides": overrides, **summary}))
+
+
+def seeded_sweep(sweep_dir: Path, losses: dict[int, list[float | None]]) -> None:
+    """A fake `-m lora.rank=... seed=1,2,3` sweep: losses[rank][i] is seed i+1's final val/loss
+    (None: that seed failed)."""
+    job = 0
+    for rank, values in losses.items():
+        for seed, loss in enumerate(values, start=1):
+            metrics = {"val/loss": loss, "best/val_loss": loss, "base/val_loss": 2.5,
+                       "gain/val_loss": 2.5 - loss, "params/trainable": 100 * rank} if loss else {}
+            history = {"train/loss": [[1, 3.0], [2, loss]], "val/loss": [[0, 2.5], [2, loss]]} if loss else {}
+            fake_job(sweep_dir, str(job), [f"lora.rank={rank}", f"seed={seed}"],
+                     {"status": "completed" if loss else "failed", "error": None if loss else "boom",
+                      "metrics": metrics, "history": history,
+                      "config": {"seed": seed, "lora": {"enabled": True, "rank": rank}}})
+            job += 1
+
+
+def test_seeds_of_one_setting_are_aggregated_and_compared_with_the_best(tmp_path):
+    seeded_sweep(tmp_path, {4: [2.10, 2.12, 2.14], 8: [2.00, 2.03, 2.06], 16: [2.04, 2.03, None]})
+    write_report(tmp_path)
+    rows = {row["setting"]: row for row in read_csv(tmp_path / "settings.csv")}
+    assert list(rows) == ["lora.rank=4", "lora.rank=8", "lora.rank=16"]
+    r4, r8, r16 = rows["lora.rank=4"], rows["lora.rank=8"], rows["lora.rank=16"]
+    assert (r4["n"], r4["not_completed"], r16["n"], r16["not_completed"]) == ("3", "0", "2", "1")  # the failed seed
+    assert float(r4["val/loss_mean"]) == pytest.approx(2.12)
+    assert float(r4["val/loss_std"]) == pytest.approx(0.02)  # sqrt((0.02² + 0 + 0.02²) / 2)
+    half = 4.302652729911275 * 0.02 / 3**0.5  # t(0.975, 2) · s / sqrt(n)
+    assert (float(r4["val/loss_ci_low"]), float(r4["val/loss_ci_high"])) == pytest.approx((2.12 - half, 2.12 + half))
+    assert r8["vs_best"] == "best"
+    # rank 4 against rank 8, paired by seed: differences 0.10, 0.09, 0.08 -> clearly worse
+    assert r4["vs_best_test"] == "paired t" and float(r4["vs_best_diff"]) == pytest.approx(0.09)
+    assert r4["vs_best"] == "worse"
+    # rank 16 ran seeds 1 and 2 only: Welch, and 2.035 vs 2.03 is within the noise
+    assert r16["vs_best_test"] == "Welch t" and r16["vs_best"] == "not distinguishable from the best"
+    markdown = (tmp_path / "report.md").read_text()
+    assert "Best setting: **lora.rank=8**" in markdown
+    assert "- lora.rank=16: -" not in markdown and "not distinguishable from the best" in markdown
+
+
+def test_a_single_seed_says_it_has_no_uncertainty_estimate(tmp_path):
+    seeded_sweep(tmp_path, {4: [2.1], 8: [2.0]})
+    write_report(tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "2.1000 (1 seed: no uncertainty estimate)" in markdown and "± 0.0000" not in markdown
+    assert "not comparable: fewer than 2 seeds" in markdown
+
+
+def test_plots_draw_the_means_and_confidence_intervals(tmp_path):
+    from loralab import stats
+    from loralab.report import aggregate, load_runs, plot_loss_curves, plot_val_loss_vs_rank
+
+    seeded_sweep(tmp_path, {4: [2.10, 2.12, 2.14], 8: [2.00, 2.03, 2.06]})
+    runs = load_runs(tmp_path)
+    settings = aggregate(runs)
+    [bars] = plot_val_loss_vs_rank(runs, settings).axes[0].containers
+    line, _, (segments,) = bars
+    assert list(line.get_xdata()) == [4, 8] and list(line.get_ydata()) == pytest.approx([2.12, 2.03])
+    expected = stats.estimate([2.10, 2.12, 2.14]).ci
+    assert tuple(segments.get_segments()[0][:, 1]) == pytest.approx(expected)  # rank 4's bar is its CI
+    train_ax = plot_loss_curves(runs, settings).axes[0]
+    assert list(train_ax.lines[0].get_ydata()) == pytest.approx([3.0, 2.12])  # mean curve of rank 4
 
 
 def test_rows_follow_job_numbers_and_a_killed_job_is_a_row(tmp_path):

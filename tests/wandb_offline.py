@@ -52,7 +52,8 @@ class OfflineRun:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run = record.run
-                self.run_id, self.group, self.name, self.job_type = run.run_id, run.run_group, run.display_name, run.job_type
+                self.run_id, self.group, self.name = run.run_id, run.run_group, run.display_name
+                self.job_type = run.job_type
                 self._update_config(run.config.update)
             elif kind == "config":
                 self._update_config(record.config.update)

@@ -44,7 +44,8 @@ def sweep_gains(workdir: Path) -> str:
 def main() -> None:
     train_py = Path.cwd() / "train.py"
     if not train_py.is_file():
-        sys.exit("error: run python -m loralab.benchmark from the repository root (no train.py in the current directory)")
+        sys.exit("error: run python -m loralab.benchmark from the repository root "
+                 "(no train.py in the current directory)")
     with tempfile.TemporaryDirectory() as tmp:
         rows = [(what, timed_run(train_py, args, Path(tmp)), target) for what, args, target in CASES]
         gains = sweep_gains(Path(tmp))

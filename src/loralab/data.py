@@ -38,6 +38,29 @@ class PretrainedTokenizer:
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
 
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> PretrainedTokenizer | None:
+        """The GPT-2 tokenizer saved in ``directory``, or None if it holds none.
+
+        ``tokenizer.json`` is read as it is; the older ``vocab.json`` + ``merges.txt`` pair
+        is GPT-2's byte-level BPE, rebuilt the way ``transformers`` converts it (no
+        prefix space, byte-level decoding), with ``tokenizers`` alone.
+        """
+        directory = Path(directory)
+        vocab, merges = directory / "vocab.json", directory / "merges.txt"
+        if (directory / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            return cls(Tokenizer.from_file(str(directory / "tokenizer.json")))
+        if vocab.is_file() and merges.is_file():
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+            tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+            tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tokenizer.decoder = decoders.ByteLevel()
+            return cls(tokenizer)
+        return None
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 

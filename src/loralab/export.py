@@ -3,37 +3,50 @@
     python -m loralab.export RUN_DIR --peft OUT_DIR     # adapter_config.json + adapter_model.safetensors
     python -m loralab.export RUN_DIR --merged OUT_DIR   # config.json + model.safetensors (plain GPT-2)
 
-The run's base is rebuilt from its saved config (the GPT-2 directory it loaded, its
-base checkpoint, or the cached pretraining) and its adapter loaded on top.
+The adapter goes onto exactly the base its run recorded (path and weights' SHA-256 in
+``adapter/adapter_config.json``). Export never trains: a missing or different base
+is one error line saying which base it needs and how to get it back.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
 
-from loralab.lora import LoRAConfig, load_adapter
+from loralab.base import BaseError, load_recorded_base
+from loralab.lora import ADAPTER_CONFIG, LoRAConfig, load_adapter
 from loralab.model import GPT
 
 
-def load_run(run_dir: str | Path) -> tuple[GPT, LoRAConfig, DictConfig]:
-    """The fine-tuned model of a completed LoRA run (its base with its adapter loaded),
-    the adapter's LoRAConfig and the run's config."""
-    from loralab.loggers import RunIdentity
-    from loralab.run import base_model
-
+def load_finetuned(run_dir: str | Path) -> tuple[GPT, LoRAConfig, dict]:
+    """The fine-tuned model of a completed LoRA run (its recorded base with its adapter
+    loaded), the adapter's LoRAConfig and the adapter's saved metadata."""
     run_dir = Path(run_dir)
-    config_file, adapter = run_dir / ".hydra" / "config.yaml", run_dir / "adapter"
-    if not config_file.is_file() or not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a completed LoRA run: it needs .hydra/config.yaml "
-                                f"and adapter/adapter_config.json")
-    cfg = OmegaConf.load(config_file)
-    cfg.paths.output_dir = str(run_dir)  # was ${hydra:runtime.output_dir}, unset outside Hydra
-    model = base_model(cfg, RunIdentity(name=run_dir.name, group=None, overrides=[]))
-    return model, load_adapter(model, adapter), cfg
+    meta_file = run_dir / "adapter" / ADAPTER_CONFIG
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a completed LoRA run: it has no adapter/{ADAPTER_CONFIG}")
+    meta = json.loads(meta_file.read_text())
+    if "base" not in meta:
+        raise BaseError(f"{meta_file} does not record its base model (written by an older loralab): "
+                        "re-run the run to export it")
+    try:
+        model = load_recorded_base(meta["base"])
+    except BaseError as e:
+        raise BaseError(f"{e}. {how_to_rebuild(run_dir, meta['base'])}") from None
+    return model, load_adapter(model, run_dir / "adapter"), meta
+
+
+def how_to_rebuild(run_dir: Path, base: dict) -> str:
+    if base["source"] != "cache":
+        return "Put that file back where it was (the run loaded it from there)."
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    return ("Pretraining is deterministic: running `python train.py " + " ".join(overrides) +
+            f"` from the directory that holds {Path(base['path']).parent} pretrains the same base again")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,14 +56,16 @@ def main(argv: list[str] | None = None) -> None:
     target.add_argument("--peft", metavar="OUT_DIR", help="write a PEFT adapter for Hugging Face's GPT-2")
     target.add_argument("--merged", metavar="OUT_DIR", help="write a merged GPT-2 checkpoint for transformers")
     args = parser.parse_args(argv)
-    from loralab.hf import export_peft_adapter, save_merged_gpt2
+    from loralab.gpt2 import save_merged_gpt2
+    from loralab.peft_adapter import export_peft_adapter
 
     try:
-        model, config, cfg = load_run(args.run_dir)
-    except FileNotFoundError as e:
+        model, config, meta = load_finetuned(args.run_dir)
+    except (FileNotFoundError, BaseError) as e:
         sys.exit(f"error: {e}")
     if args.peft:
-        out = export_peft_adapter(model, config, args.peft, base_model_name_or_path=cfg.model.pretrained)
+        base_path = meta["base"]["path"] if meta["base"]["source"] == "gpt2" else None
+        out = export_peft_adapter(model, config, args.peft, base_model_name_or_path=base_path)
     else:
         out = save_merged_gpt2(model, args.merged)
     print(f"wrote {out}")

@@ -7,51 +7,60 @@ share a W&B run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import netrc
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.report import parse_overrides
+from loralab.overrides import declared_sweep, sweep_label
 
 
 @dataclass
 class RunIdentity:
     name: str  # the job's swept overrides, e.g. "lora.rank=4"
-    group: str | None  # the sweep directory, for multirun jobs
+    group: str | None  # the sweep, for multirun jobs: its experiment (or "sweep") and its directory's date/time
     overrides: list[str]
+    setting_id: str  # equal for runs that differ only in seed (see setting_id)
+
+
+# what does not change what a run computes: left out of its setting id
+NOT_A_SETTING = ("seed", "paths", "logger")
+
+
+def setting_id(cfg: DictConfig) -> str:
+    """A short hash of the resolved config without the seed, paths and logger: the runs of
+    one setting share it across seeds (group by it in W&B for mean ± band)."""
+    setting = OmegaConf.masked_copy(cfg, [key for key in cfg if key not in NOT_A_SETTING])
+    blob = json.dumps(OmegaConf.to_container(setting, resolve=True), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
 def run_identity(cfg: DictConfig) -> RunIdentity:
+    setting = setting_id(cfg)
     if not HydraConfig.initialized():  # composed without @hydra.main (e.g. the compose API)
-        return RunIdentity(name=Path(cfg.paths.output_dir).name, group=None, overrides=[])
+        return RunIdentity(name=Path(cfg.paths.output_dir).name, group=None, overrides=[], setting_id=setting)
     hydra = HydraConfig.get()
     overrides = list(hydra.overrides.task)
     if hydra.mode != RunMode.MULTIRUN:
-        return RunIdentity(name=hydra.job.override_dirname or "default", group=None, overrides=overrides)
-    swept = swept_keys(Path(hydra.sweep.dir))
-    own = [override for key, _, override in parse_overrides(overrides) if swept is None or key in swept]
-    return RunIdentity(name=",".join(own) or hydra.job.override_dirname or "default",
-                       group=Path(hydra.sweep.dir).as_posix(), overrides=overrides)
+        return RunIdentity(name=hydra.job.override_dirname or "default", group=None, overrides=overrides,
+                           setting_id=setting)
+    sweep = declared_sweep(hydra.sweep.dir)
+    name = sweep_label(overrides, sweep[0]) if sweep else ""
+    return RunIdentity(name=name or hydra.job.override_dirname or "default", group=sweep_group(hydra),
+                       overrides=overrides, setting_id=setting)
 
 
-def swept_keys(sweep_dir: Path) -> set[str] | None:
-    """Keys the sweep varies (``lora.rank`` in ``-m lora.rank=4,8``, or in an experiment's
-    ``hydra.sweeper.params``), read from the multirun.yaml Hydra's sweepers write before
-    the jobs start; None if there is none."""
-    path = sweep_dir / "multirun.yaml"
-    if not path.exists():
-        return None
-    hydra = OmegaConf.load(path).hydra
-    parsed = OverridesParser.create().parse_overrides(list(hydra.overrides.task))
-    from_config = hydra.sweeper.get("params") or {}  # sweeps an experiment file declares
-    return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(from_config)
-
+def sweep_group(hydra) -> str:
+    """``rank_sweep 2026-11-23/10-59-01``: readable in the dashboard, and no path of this machine."""
+    sweep_dir = Path(hydra.sweep.dir)
+    experiment = hydra.runtime.choices.get("experiment") or "sweep"
+    return f"{experiment} {sweep_dir.parent.name}/{sweep_dir.name}"
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -92,11 +101,11 @@ def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str):
         return TensorBoardLogger(save_dir, name="tensorboard", version=job_type)
     if kind == "wandb":
         from pytorch_lightning.loggers import WandbLogger
-        config = flatten(OmegaConf.to_container(cfg, resolve=True))
+        config = {**flatten(OmegaConf.to_container(cfg, resolve=True)), "setting_id": identity.setting_id}
         name = identity.name if job_type == "finetune" else f"{job_type}: {identity.name}"
         logger = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=name, group=identity.group,
                              job_type=job_type, save_dir=save_dir, mode=wandb_mode(cfg.logger.mode), config=config)
-        logger.experiment  # start the W&B run now, so a failure from here on is recorded in it
+        _ = logger.experiment  # start the W&B run now, so a failure from here on is recorded in it
         return logger
     return None
 

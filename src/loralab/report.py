@@ -4,9 +4,10 @@
 
 It reads only what the jobs left on disk (``<sweep_dir>/<job>/summary.json``), so it
 works for sweeps from any Hydra launcher, with failed or killed jobs, and offline.
-Every job of a multirun rewrites it when it ends (see ``loralab.run.train``), so the
-last job to end leaves the complete report. Columns use the metric names of
-``summary.json`` and W&B, so the same table can be built in the dashboard.
+Every job of a multirun rewrites it when it ends (``SweepReport``, a Hydra callback
+that Hydra calls for failed jobs too), so the last job to end leaves the complete
+report. Columns use the metric names of ``summary.json`` and W&B, so the same table
+can be built in the dashboard.
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from filelock import FileLock
+from hydra.experimental.callback import Callback
+
+from loralab import stats
+from loralab.files import write_atomic
+from loralab.overrides import declared_sweep, swept_overrides, varying_keys
+
+log = logging.getLogger(__name__)
 
 # Markdown format of each metric column; the CSV holds the values exactly as summary.json does.
 METRICS = {
@@ -38,6 +46,7 @@ METRICS = {
 }
 COLUMNS = ["job", "overrides", "status", *METRICS, "wall_time_s", "error"]
 RANK_KEY = "lora.rank"
+SEED_KEY = "seed"
 HYDRA_OVERRIDES = ".hydra/overrides.yaml"  # Hydra writes it into the job directory before the job starts
 NO_SUMMARY = "no summary.json: still running, or killed before it could write one (see the job's log)"
 ERROR_CHARS = 120  # of an error in the Markdown table; the CSV keeps all of it
@@ -58,11 +67,17 @@ class Run:
     history: dict = field(default_factory=dict)
     lora: dict = field(default_factory=dict)  # the run's lora config; {"enabled": False} for full fine-tuning
     wall_time_s: float | None = None
+    seed: int | None = None
     swept: dict[str, str] = field(default_factory=dict)  # key -> its override, for the keys the sweep varies
 
     @property
     def label(self) -> str:
         return ",".join(self.swept.values()) or f"job {self.job}"
+
+    @property
+    def setting(self) -> str:
+        """What the run varies apart from its seed: runs that differ only in seed are one setting."""
+        return ",".join(o for key, o in self.swept.items() if key != SEED_KEY) or "all runs"
 
     @property
     def is_full(self) -> bool:
@@ -86,12 +101,15 @@ def write_report(sweep_dir: str | Path) -> Path:
     # reads the summaries only once it holds the lock, so the last writer sees them all.
     with FileLock(sweep_dir / ".report.lock", timeout=LOCK_TIMEOUT_S):
         runs = load_runs(sweep_dir)
+        settings = aggregate(runs)
         rows = [table_row(run) for run in runs]
-        write_atomic(sweep_dir / "report.csv", to_csv(rows).encode())
-        skipped = write_plots(runs, sweep_dir)
-        table = to_markdown(rows)
-        write_atomic(sweep_dir / "report.md", report_markdown(sweep_dir, runs, table, skipped).encode())
-    print(f"\nSweep report ({sweep_dir / 'report.md'}):\n\n{table}", flush=True)
+        write_atomic(sweep_dir / "report.csv", to_csv(rows, COLUMNS).encode())
+        write_atomic(sweep_dir / "settings.csv", to_csv([setting_row(s) for s in settings], SETTING_COLUMNS).encode())
+        skipped = write_plots(runs, settings, sweep_dir)
+        table, setting_table = to_markdown(rows), settings_markdown(settings)
+        write_atomic(sweep_dir / "report.md",
+                     report_markdown(sweep_dir, runs, settings, setting_table, table, skipped).encode())
+    print(f"\nSweep report ({sweep_dir / 'report.md'}):\n\n{setting_table}\n\n{verdicts(settings)}", flush=True)
     return sweep_dir / "report.md"
 
 
@@ -106,10 +124,11 @@ def check_sweep_dir(sweep_dir: Path) -> None:
 def load_runs(sweep_dir: Path) -> list[Run]:
     """Every job directory, in job order; a job that left no summary.json is still a row."""
     job_dirs = [d for d in sweep_dir.iterdir() if (d / "summary.json").is_file() or (d / HYDRA_OVERRIDES).is_file()]
-    runs = [load_run(d) for d in sorted(job_dirs, key=job_order)]
-    swept = varying_keys([run.overrides for run in runs])
+    runs = [read_run(d) for d in sorted(job_dirs, key=job_order)]
+    declared = declared_sweep(sweep_dir)
+    swept = declared[0] if declared else varying_keys([run.overrides for run in runs])
     for run in runs:
-        run.swept = {key: override for key, _, override in parse_overrides(run.overrides) if key in swept}
+        run.swept = swept_overrides(run.overrides, swept)
     return runs
 
 
@@ -117,7 +136,7 @@ def job_order(job_dir: Path) -> tuple:
     return (0, int(job_dir.name), "") if job_dir.name.isdigit() else (1, 0, job_dir.name)
 
 
-def load_run(job_dir: Path) -> Run:
+def read_run(job_dir: Path) -> Run:
     path = job_dir / "summary.json"
     if not path.is_file():
         overrides = yaml.safe_load((job_dir / HYDRA_OVERRIDES).read_text()) or []
@@ -126,23 +145,7 @@ def load_run(job_dir: Path) -> Run:
     return Run(job=job_dir.name, status=summary["status"], error=summary.get("error"),
                overrides=summary.get("overrides", []), metrics=summary.get("metrics", {}),
                history=summary.get("history", {}), lora=summary.get("config", {}).get("lora", {}),
-               wall_time_s=summary.get("wall_time_s"))
-
-
-def varying_keys(overrides_per_run: list[list[str]]) -> list[str]:
-    """The override keys whose values differ between runs (in command-line order): what
-    tells the runs of a sweep apart. Keys the whole sweep shares are left out."""
-    values = [{key: value for key, value, _ in parse_overrides(overrides)} for overrides in overrides_per_run]
-    keys = dict.fromkeys(key for run in values for key in run)
-    return [key for key in keys if len({run.get(key) for run in values}) > 1]
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, str, str]]:
-    """(key, value, override) as Hydra reads them: ``+lora.rank=4`` sets ``lora.rank``, and
-    a run's ``x=false`` is a multirun's ``x=False`` (its sweeper rewrites the overrides)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser  # here: importing it takes 0.2 s
-
-    return [(o.key_or_group, str(o.value()), o.input_line) for o in OverridesParser.create().parse_overrides(overrides)]
+               wall_time_s=summary.get("wall_time_s"), seed=summary.get("config", {}).get("seed"))
 
 
 def table_row(run: Run) -> dict:
@@ -151,9 +154,9 @@ def table_row(run: Run) -> dict:
             "wall_time_s": run.wall_time_s, "error": run.error}
 
 
-def to_csv(rows: list[dict]) -> str:
+def to_csv(rows: list[dict], columns: list[str]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
@@ -185,28 +188,146 @@ def shorten(error: str) -> str:
     return first_line if len(first_line) <= ERROR_CHARS else first_line[: ERROR_CHARS - 1] + "…"
 
 
-def report_markdown(sweep_dir: Path, runs: list[Run], table: str, skipped: dict[str, str]) -> str:
+def report_markdown(sweep_dir: Path, runs: list[Run], settings: list[Setting], setting_table: str, table: str,
+                    skipped: dict[str, str]) -> str:
     tally = ", ".join(f"{n} {status}" for status, n in Counter(run.status for run in runs).items())
     plots = [f"No `{name}`: {skipped[name]}." if name in skipped else f"![{name}]({name})" for name, _, _ in PLOTS]
-    parts = [f"# Sweep report: {sweep_dir}", f"{len(runs)} runs: {tally}.", table, "## Plots", *plots]
+    parts = [f"# Sweep report: {sweep_dir}", f"{len(runs)} runs: {tally}.",
+             "## Settings (mean over completed seeds, 95 % CI)", STATS_NOTE, setting_table,
+             "## Comparisons with the best setting", verdicts(settings),
+             "## Runs", table, "## Plots", *plots]
     return "\n\n".join(parts) + "\n"
 
 
-def write_atomic(path: Path, content: bytes) -> None:
-    """Readers never see half a file; the temporary name is the writer's own."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
+# --- settings: the runs of one setting over seeds, and whether settings differ -----
+
+STATS_NOTE = ("Runs that differ only in `seed` are one setting. n counts completed seeds; failed, diverged "
+              "and unfinished seeds are counted apart and left out of the statistics. ± is the half-width "
+              "of the 95 % Student-t confidence interval of the mean. A setting differs from the best only "
+              "when the 95 % CI of the difference excludes zero (paired t-test over shared seeds, "
+              "else Welch's t-test).")
+AGGREGATED = ("val/loss", "best/val_loss", "gain/val_loss")  # estimated over seeds
+SETTING_COLUMNS = ["setting", "n", "not_completed",
+                   *[f"{metric}_{part}" for metric in AGGREGATED for part in ("mean", "std", "ci_low", "ci_high")],
+                   "params/trainable", "vs_best_test", "vs_best_diff", "vs_best_ci_low", "vs_best_ci_high",
+                   "vs_best_p", "vs_best"]
+
+
+@dataclass
+class Setting:
+    name: str
+    runs: list[Run]
+    estimates: dict[str, stats.Estimate | None]  # None when no seed completed
+    vs_best: stats.Comparison | None = None  # None for the best setting itself
+    is_best: bool = False
+
+    @property
+    def completed(self) -> list[Run]:
+        return [run for run in self.runs if run.has_result]
+
+    def by_seed(self, metric: str = "val/loss") -> dict:
+        return {run.seed if run.seed is not None else run.job: run.metrics[metric] for run in self.completed}
+
+    @property
+    def verdict(self) -> str:
+        if self.is_best:
+            return "best"
+        if self.vs_best is None:
+            return "no completed seed"
+        if self.vs_best.ci is None:
+            return "not comparable: fewer than 2 seeds"
+        return "worse" if self.vs_best.distinguishable else "not distinguishable from the best"
+
+
+def aggregate(runs: list[Run]) -> list[Setting]:
+    """One Setting per distinct setting, in job order, each compared with the best (lowest
+    mean final val/loss) on the runs' final val/loss."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.setting, []).append(run)
+    settings = []
+    for name, members in groups.items():
+        done = [run for run in members if run.has_result]
+        estimates = {m: stats.estimate([run.metrics[m] for run in done]) if done else None for m in AGGREGATED}
+        settings.append(Setting(name, members, estimates))
+    ranked = [s for s in settings if s.completed]
+    if ranked:
+        best = min(ranked, key=lambda s: s.estimates["val/loss"].mean)
+        best.is_best = True
+        for setting in ranked:
+            if setting is not best:
+                setting.vs_best = stats.compare(setting.by_seed(), best.by_seed())
+    return settings
+
+
+def setting_row(setting: Setting) -> dict:
+    row = {"setting": setting.name, "n": len(setting.completed),
+           "not_completed": len(setting.runs) - len(setting.completed),
+           "params/trainable": next((run.metrics.get("params/trainable") for run in setting.completed), None),
+           "vs_best": setting.verdict}
+    for metric, est in setting.estimates.items():
+        if est is not None:
+            low, high = est.ci or (None, None)
+            row |= {f"{metric}_mean": est.mean, f"{metric}_std": est.std, f"{metric}_ci_low": low,
+                    f"{metric}_ci_high": high}
+    if setting.vs_best is not None:
+        c = setting.vs_best
+        row |= {"vs_best_test": c.test, "vs_best_diff": c.diff, "vs_best_ci_low": c.ci[0] if c.ci else None,
+                "vs_best_ci_high": c.ci[1] if c.ci else None, "vs_best_p": c.p_value}
+    return row
+
+
+def mean_ci(est: stats.Estimate | None, fmt: str = "{:.4f}") -> str:
+    if est is None:
+        return ""
+    if est.ci is None:
+        return fmt.format(est.mean) + " (1 seed: no uncertainty estimate)"
+    return f"{fmt.format(est.mean)} ± {est.half_width:.4f}"
+
+
+def settings_markdown(settings: list[Setting]) -> str:
+    header = ["setting", "n", "not completed", "val/loss", "std", "best/val_loss", "gain/val_loss",
+              "params/trainable", "vs best"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in settings:
+        est = s.estimates["val/loss"]
+        params = setting_row(s)["params/trainable"]
+        cells = [s.name, str(len(s.completed)), str(len(s.runs) - len(s.completed)), mean_ci(est),
+                 f"{est.std:.4f}" if est is not None and est.std is not None else "",
+                 mean_ci(s.estimates["best/val_loss"]), mean_ci(s.estimates["gain/val_loss"], "{:+.4f}"),
+                 f"{params:,}" if params is not None else "", s.verdict]
+        lines.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def verdicts(settings: list[Setting]) -> str:
+    """One sentence per setting against the best: the difference, its CI, the p-value."""
+    best = next((s for s in settings if s.is_best), None)
+    if best is None:
+        return "No setting completed."
+    n = len(best.completed)
+    lines = [f"Best setting: **{best.name}** (final val/loss {mean_ci(best.estimates['val/loss'])}, {n} seed"
+             f"{'s' if n != 1 else ''})."]
+    for s in settings:
+        c = s.vs_best
+        if s.is_best or c is None:
+            continue
+        if c.ci is None:
+            lines.append(f"- {s.name}: {c.diff:+.4f} against the best; no test (a setting has fewer than 2 seeds).")
+            continue
+        lines.append(f"- {s.name}: {c.diff:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}] against the best, "
+                     f"p = {c.p_value:.3g} ({c.test}): {s.verdict}.")
+    return "\n".join(lines)
 
 
 # --- plots: what a researcher asks of a sweep, one figure each ---------------------
 
 
-def write_plots(runs: list[Run], sweep_dir: Path) -> dict[str, str]:
+def write_plots(runs: list[Run], settings: list[Setting], sweep_dir: Path) -> dict[str, str]:
     """Draw each plot that has data; return {file name: why not} for those that have none."""
     skipped = {}
     for name, draw, why_not in PLOTS:
-        figure = draw(runs)
+        figure = draw(runs, settings)
         if figure is None:
             skipped[name] = why_not
             (sweep_dir / name).unlink(missing_ok=True)  # a plot from an earlier report would be stale
@@ -232,37 +353,70 @@ def new_axes(title: str, xlabel: str, ylabel: str, ncols: int = 1):
     return figure, axes
 
 
-def plot_loss_curves(runs: list[Run]):
-    curves = [run for run in runs if run.has_result and run.history.get("train/loss")]
-    if not curves:
+def mean_curve(runs: list[Run], metric: str) -> tuple[list[int], list[float], list[float]]:
+    """(steps, mean, std) of ``metric``'s curve over runs, at the steps every run logged."""
+    curves = [dict(map(tuple, run.history[metric])) for run in runs]
+    steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+    values = [[curve[step] for curve in curves] for step in steps]
+    means = [sum(v) / len(v) for v in values]
+    stds = [math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+            for v, m in zip(values, means)]
+    return steps, means, stds
+
+
+def plot_loss_curves(runs: list[Run], settings: list[Setting]):
+    drawn = [s for s in settings if s.completed and all(run.history.get("train/loss") for run in s.completed)]
+    if not drawn:
         return None
-    figure, (train_ax, val_ax) = new_axes("Loss curves", "step", "loss", ncols=2)
+    figure, (train_ax, val_ax) = new_axes("Loss curves: mean over seeds, band ± 1 std", "step", "loss", ncols=2)
     train_ax.set_title("train/loss")
     val_ax.set_title("val/loss (step 0: the base model)")
-    for run in curves:
-        [line] = train_ax.plot(*zip(*run.history["train/loss"]), linewidth=1, alpha=0.8)
-        val_ax.plot(*zip(*run.history["val/loss"]), marker="o", color=line.get_color(), label=run.label)
+    for setting in drawn:
+        label = f"{setting.name} (n={len(setting.completed)})"
+        for ax, metric in ((train_ax, "train/loss"), (val_ax, "val/loss")):
+            steps, means, stds = mean_curve(setting.completed, metric)
+            [line] = ax.plot(steps, means, linewidth=1, marker="o" if metric == "val/loss" else None, label=label)
+            ax.fill_between(steps, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
+                            color=line.get_color(), alpha=0.2)
     val_ax.legend(fontsize="small")
     return figure
 
 
-def series(run: Run) -> str:
-    """The run's swept overrides other than the rank: one line per value in the rank plot."""
-    return ",".join(override for key, override in run.swept.items() if key != RANK_KEY) or "LoRA"
+def series(setting: Setting) -> str:
+    """The setting's swept overrides other than the rank and the seed: one line per value."""
+    swept = setting.completed[0].swept
+    return ",".join(o for key, o in swept.items() if key not in (RANK_KEY, SEED_KEY)) or "LoRA"
 
 
-def plot_val_loss_vs_rank(runs: list[Run]):
-    lora_runs = [run for run in runs if run.has_result and run.rank is not None]
-    ranks = sorted({run.rank for run in lora_runs})
+def error(est: stats.Estimate) -> float:
+    return est.half_width or 0.0
+
+
+def draw_references(ax, settings: list[Setting], runs: list[Run]) -> None:
+    """Full fine-tuning as a band (mean ± CI) and the untouched base as a line."""
+    for setting in settings:
+        est = setting.estimates["val/loss"]
+        if est is None or not setting.completed[0].is_full:
+            continue
+        line = ax.axhline(est.mean, color="black", linestyle="--", label=f"full fine-tuning (n={est.n})")
+        if est.ci:
+            ax.axhspan(*est.ci, color=line.get_color(), alpha=0.1)
+    bases = [run.metrics["base/val_loss"] for run in runs if run.has_result and "base/val_loss" in run.metrics]
+    if bases:
+        ax.axhline(sum(bases) / len(bases), color="gray", linestyle=":", label="base, not fine-tuned")
+
+
+def plot_val_loss_vs_rank(runs: list[Run], settings: list[Setting]):
+    lora = [s for s in settings if s.completed and s.completed[0].rank is not None]
+    ranks = sorted({s.completed[0].rank for s in lora})
     if len(ranks) < 2:
         return None
-    figure, [ax] = new_axes("Final val/loss against LoRA rank", "lora.rank", "val/loss")
-    for name in dict.fromkeys(series(run) for run in lora_runs):
-        points = sorted((run.rank, run.metrics["val/loss"]) for run in lora_runs if series(run) == name)
-        ax.plot(*zip(*points), marker="o", label=name)
-    for run in runs:
-        if run.has_result and run.is_full:
-            ax.axhline(run.metrics["val/loss"], color="black", linestyle="--", label=f"full fine-tuning ({run.label})")
+    figure, [ax] = new_axes("Final val/loss against LoRA rank (mean ± 95 % CI over seeds)", "lora.rank", "val/loss")
+    for name in dict.fromkeys(series(s) for s in lora):
+        points = sorted((s.completed[0].rank, s.estimates["val/loss"]) for s in lora if series(s) == name)
+        ax.errorbar([r for r, _ in points], [e.mean for _, e in points], yerr=[error(e) for _, e in points],
+                    marker="o", capsize=3, label=name)
+    draw_references(ax, settings, runs)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(rank) for rank in ranks])
     ax.minorticks_off()
@@ -270,30 +424,32 @@ def plot_val_loss_vs_rank(runs: list[Run]):
     return figure
 
 
-def plot_val_loss_vs_params(runs: list[Run]):
-    finished = [run for run in runs if run.has_result]
-    if not finished:
+def plot_val_loss_vs_params(runs: list[Run], settings: list[Setting]):
+    done = [s for s in settings if s.completed]
+    if not done:
         return None
-    figure, [ax] = new_axes("Final val/loss against trainable parameters", "params/trainable", "val/loss")
-    lora_runs = [run for run in finished if not run.is_full]
-    for name in dict.fromkeys(series(run) for run in lora_runs):
-        points = [(run.metrics["params/trainable"], run.metrics["val/loss"])
-                  for run in lora_runs if series(run) == name]
-        ax.scatter(*zip(*points), label=name)
-    for run in finished:
-        if run.is_full:
-            ax.scatter(run.metrics["params/trainable"], run.metrics["val/loss"], marker="*", s=200, color="black",
-                       label=f"full fine-tuning ({run.label})")
-    ax.step(*zip(*frontier(finished)), where="post", color="gray", linestyle=":", label="frontier")
+    figure, [ax] = new_axes("Final val/loss against trainable parameters (mean ± 95 % CI)", "params/trainable",
+                            "val/loss")
+    points = [(s.completed[0].metrics["params/trainable"], s.estimates["val/loss"], s) for s in done]
+    for name in dict.fromkeys(series(s) for _, _, s in points if not s.completed[0].is_full):
+        mine = [(p, e) for p, e, s in points if not s.completed[0].is_full and series(s) == name]
+        ax.errorbar([p for p, _ in mine], [e.mean for _, e in mine], yerr=[error(e) for _, e in mine],
+                    linestyle="none", marker="o", capsize=3, label=name)
+    for params, est, s in points:
+        if s.completed[0].is_full:
+            ax.errorbar([params], [est.mean], yerr=[error(est)], marker="*", markersize=14, color="black",
+                        capsize=3, label=f"full fine-tuning (n={est.n})")
+    ax.step(*zip(*frontier([(p, e.mean) for p, e, _ in points])), where="post", color="gray", linestyle=":",
+            label="frontier (of the means)")
     ax.set_xscale("log")
     ax.legend(fontsize="small")
     return figure
 
 
-def frontier(runs: list[Run]) -> list[tuple[int, float]]:
-    """(params, val/loss) of the runs no cheaper run beats: the efficiency frontier."""
+def frontier(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The (params, val/loss) points no cheaper point beats: the efficiency frontier."""
     best = []
-    for params, loss in sorted((run.metrics["params/trainable"], run.metrics["val/loss"]) for run in runs):
+    for params, loss in sorted(points):
         if not best or loss < best[-1][1]:
             best.append((params, loss))
     return best
@@ -304,6 +460,21 @@ PLOTS = (  # (file name, drawing, why it may have nothing to draw)
     ("val_loss_vs_rank.png", plot_val_loss_vs_rank, "fewer than two LoRA ranks completed"),
     ("val_loss_vs_params.png", plot_val_loss_vs_params, "no run completed"),
 )
+
+
+class SweepReport(Callback):
+    """Rebuild the sweep's report whenever one of its jobs ends (conf/train.yaml's
+    ``hydra.callbacks``). Not ``on_multirun_end``: Hydra skips that once a job raised."""
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        try:
+            write_report(config.hydra.sweep.dir)
+        except Exception as e:  # a broken report must not mask the job's own result or error
+            log.warning("sweep report not written in %s: %s", config.hydra.sweep.dir, e)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,11 +3,13 @@
     config ─► validate ─► base model (load, or pretrain once and cache) ─► seed ─►
     data ─► inject LoRA ─► Trainer.fit ─► evaluate ─► adapter + summary.json ─►
     close the logger ─► return the objective (best val/loss)
+
+A run knows nothing of sweeps: the sweep report is a Hydra callback's job
+(``loralab.report.SweepReport``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -16,16 +18,16 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.base import cached_base, load_base
+from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
 from loralab.callbacks import History, MergeCheck, ParameterCount, Throughput
 from loralab.config import gpt_config, lora_config_of, validate
 from loralab.data import ByteTokenizer, PretrainedTokenizer, TextDataModule
-from loralab.hf import load_gpt2, load_gpt2_tokenizer
-from loralab.lora import inject_lora, save_adapter
+from loralab.files import write_json
+from loralab.gpt2 import load_gpt2
 from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
+from loralab.lora import inject_lora, save_adapter
 from loralab.model import GPT
 from loralab.module import LitGPT
-from loralab.report import write_atomic, write_report
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,12 @@ def train(cfg: DictConfig) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = run_identity(cfg)
     started = time.time()
-    summary = {"status": "failed", "error": None, "name": identity.name, "overrides": identity.overrides}
+    summary = {"status": "failed", "error": None, "name": identity.name, "overrides": identity.overrides,
+               "setting_id": identity.setting_id}
     try:
         validate(cfg)
-        model = base_model(cfg, identity)
+        model, base = base_model(cfg, identity)
+        summary["base"] = base.to_dict()
         pl.seed_everything(cfg.seed, workers=True)
         data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed, tokenizer=tokenizer(cfg),
                               **cfg.data)
@@ -50,7 +54,7 @@ def train(cfg: DictConfig) -> float:
         result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim)
         summary.update(result)
         if summary["status"] == "completed" and lora_config is not None:
-            save_adapter(model, lora_config, run_dir / "adapter")
+            save_adapter(model, lora_config, run_dir / "adapter", base=base.to_dict())
         return summary["metrics"]["best/val_loss"]
     except Exception as e:
         summary["error"] = f"{type(e).__name__}: {e}"
@@ -58,22 +62,19 @@ def train(cfg: DictConfig) -> float:
     finally:
         summary["wall_time_s"] = time.time() - started
         summary["config"] = OmegaConf.to_container(cfg, resolve=False)
-        write_atomic(run_dir / "summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
+        write_json(run_dir / "summary.json", summary)
         print_result(summary)
-        if identity.group is not None:  # every job rewrites it: Hydra skips on_multirun_end once a job raised
-            try:
-                write_report(run_dir.parent)
-            except Exception as e:  # a broken report must not mask the job's own result or error
-                log.warning("sweep report not written in %s: %s", run_dir.parent, e)
 
 
-def base_model(cfg: DictConfig, identity: RunIdentity) -> GPT:
-    """The base GPT: a Hugging Face GPT-2 directory, a given checkpoint, or the cached
-    pretraining for these settings."""
+def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT, BaseIdentity]:
+    """The base GPT and its identity: a Hugging Face GPT-2 directory, a given checkpoint,
+    or the cached pretraining for these settings."""
     if cfg.model.pretrained:
-        return load_gpt2(cfg.model.pretrained, dropout=cfg.model.dropout)
+        model = load_gpt2(cfg.model.pretrained, dropout=cfg.model.dropout)
+        return model, BaseIdentity("gpt2", str(Path(cfg.model.pretrained).resolve()), weights_sha256(model))
     if cfg.base.checkpoint:
-        return load_base(cfg.base.checkpoint)
+        model, sha256 = load_base(cfg.base.checkpoint)
+        return model, BaseIdentity("checkpoint", str(Path(cfg.base.checkpoint).resolve()), sha256)
     data = TextDataModule(block_size=cfg.model.block_size, seed=cfg.base.seed, corpus=cfg.base.corpus,
                           max_bytes=cfg.base.max_bytes, val_fraction=cfg.base.val_fraction,
                           batch_size=cfg.base.batch_size)
@@ -91,11 +92,8 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> GPT:
 
 def tokenizer(cfg: DictConfig) -> ByteTokenizer | PretrainedTokenizer:
     """The GPT-2 checkpoint's own tokenizer when its directory holds one, else bytes."""
-    if cfg.model.pretrained:
-        saved = load_gpt2_tokenizer(cfg.model.pretrained)
-        if saved is not None:
-            return PretrainedTokenizer(saved)
-    return ByteTokenizer()
+    saved = PretrainedTokenizer.from_directory(cfg.model.pretrained) if cfg.model.pretrained else None
+    return saved or ByteTokenizer()
 
 
 def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity, job_type: str,
@@ -112,9 +110,9 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
                              callbacks=[count, throughput, merge_check, history], check_val_every_n_epoch=None,
                              num_sanity_val_steps=0, inference_mode=False, enable_checkpointing=False,
                              enable_model_summary=False, default_root_dir=cfg.paths.output_dir)
-        base = trainer.validate(module, data, verbose=False)[0]
+        base = evaluate(trainer, module, data)
         trainer.fit(module, data)
-        final = trainer.validate(module, data, verbose=False)[0]
+        final = evaluate(trainer, module, data)
         status = "diverged" if module.diverged or not math.isfinite(final["val/loss"]) else "completed"
         tuned = [v for _, v in history.history["val/loss"][1:]]  # the first entry is the base
         metrics = {
@@ -123,6 +121,7 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
             "base/val_loss": base["val/loss"], "base/val_ppl": base["val/ppl"], "base/val_acc": base["val/acc"],
             "gain/val_loss": base["val/loss"] - final["val/loss"],
             "train/loss": history.history["train/loss"][-1][1] if history.history["train/loss"] else None,
+            "val/tokens": len(data.val_set) * data.block_size,  # what base/ and the final val/ numbers cover
             **count.metrics, **throughput.metrics, **merge_check.metrics,
         }
         result = {"status": status, "job_type": job_type, "steps": trainer.global_step,
@@ -132,6 +131,16 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
         return result
     finally:
         finish_logger(logger, failed=status == "failed")
+
+
+def evaluate(trainer: pl.Trainer, module: LitGPT, data: TextDataModule) -> dict:
+    """val/ metrics on the whole held-out split; validation during training sees only
+    ``trainer.limit_val_batches`` of it, for speed."""
+    subsample, trainer.limit_val_batches = trainer.limit_val_batches, 1.0
+    try:
+        return trainer.validate(module, data, verbose=False)[0]
+    finally:
+        trainer.limit_val_batches = subsample
 
 
 def print_result(summary: dict) -> None:

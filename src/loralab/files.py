@@ -1,0 +1,41 @@
+"""Writing files so that a reader never sees half of one: write to a temporary name
+beside the target, then rename over it (``os.replace`` is atomic on one file system)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write to; it becomes ``path`` when the block ends without error.
+    The temporary name is the writer's own, so concurrent writers never mix their bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, content: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(content)
+
+
+def write_json(path: str | Path, data) -> None:
+    write_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
