@@ -67,9 +67,8 @@ def test_disabled_is_the_base_exactly_and_switches_back(saved):
         assert torch.equal(logits(model), logits(base))
     assert torch.equal(logits(model), logits(alone(saved["a"])))
     merge_lora(model)
-    with pytest.raises(RuntimeError, match="unmerge_lora"):
-        with disable_adapter(model):
-            pass
+    with pytest.raises(RuntimeError, match="unmerge_lora"), disable_adapter(model):
+        pass
 
 
 def test_weighted_sum_of_one_adapter_with_weight_one_equals_it(saved):

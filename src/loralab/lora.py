@@ -160,10 +160,10 @@ class LoRALinear(nn.Module):
     def set_adapter(self, name: str | None) -> None:
         """Compute with adapter ``name`` (trainable; the others frozen, as in PEFT), or with
         none when ``name`` is None or an adapter this layer does not hold."""
-        if self.merged:
-            raise RuntimeError("LoRALinear is merged: call unmerge() before switching adapters")
         if name == self.active_adapter:
             return
+        if self.merged:
+            raise RuntimeError("LoRALinear is merged: call unmerge() before switching adapters")
         if self.active_adapter is not None:
             self.lora_parked[self.active_adapter] = LoRAAdapter(
                 self.lora_A, self.lora_B, self.lora_dropout, self.rank, self.alpha, self.scaling).requires_grad_(False)
