@@ -246,3 +246,55 @@ def test_lora_state_dict_holds_only_adapters():
 def test_scale_standard_and_rslora():
     assert LoRAConfig(rank=16, alpha=32).scale == 2.0
     assert LoRAConfig(rank=16, alpha=32, scaling="rslora").scale == 32 / math.sqrt(16)
+
+
+def test_bf16_base_keeps_lora_in_float32_and_matches_peft():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 8)).to(torch.bfloat16)
+    twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    x = torch.randn(64, 16).to(torch.bfloat16)
+    expected_base = base(x).detach()
+    layer = LoRALinear(base[0], rank=4, alpha=8)
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert torch.equal(layer(x), expected_base)
+    twin_layer = twin.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        twin_layer.lora_A["default"].weight.copy_(layer.lora_A)
+        twin_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, twin(x))  # PEFT: float32 LoRA path, cast back once
+    out.float().sum().backward()
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+
+
+def test_safe_merge_refuses_nan_and_inf_and_leaves_the_weight():
+    model = tiny_gpt()
+    inject_lora(model, LoRAConfig(rank=2, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_B(model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".weight")}
+    layer = model.transformer.h[1].attn.v_proj
+    with torch.no_grad():
+        layer.lora_B[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"adapter 'default' into Linear\(32 -> 32\) gives NaN/inf"):
+        layer.merge(safe=True)
+    with pytest.raises(ValueError, match=r"into 'transformer.h.1.attn.v_proj' gives NaN/inf weights: nothing was merged"):
+        merge_lora(model, safe=True)
+    assert not any(m.merged for m in lora_layers(model).values())
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if n.endswith(".weight"))
+    layer.merge()  # unsafe: the inf goes in, as the check predicted
+    assert not torch.isfinite(layer.weight).all()
+
+
+def test_a_disabled_layer_computes_the_base_exactly():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 5)
+    x = torch.randn(4, 8)
+    expected = base(x).detach()
+    layer = LoRALinear(base, rank=2, alpha=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    assert not torch.equal(layer(x), expected)
+    layer.disabled = True
+    assert torch.equal(layer(x), expected)

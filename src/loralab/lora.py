@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ ALL_LINEAR = "all-linear"
 OUTPUT_HEAD = "lm_head"  # never adapted by `all-linear`, as in PEFT
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+DEFAULT_ADAPTER = "default"  # the name inject_lora gives, as in PEFT
 
 
 @dataclass
@@ -52,27 +54,27 @@ class LoRAConfig:
     def __post_init__(self):
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
-        _check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
+        _require_field(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
                "rank", self.rank, "a positive integer")
-        _check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "a number > 0")
-        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
+        _require_field(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "a number > 0")
+        _require_field(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
                "dropout", self.dropout, "a number in [0, 1)")
-        _check(bool(self.target_modules), "target_modules", self.target_modules,
+        _require_field(bool(self.target_modules), "target_modules", self.target_modules,
                "a non-empty list of module names, a regular expression, or 'all-linear'")
         if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
             try:
                 re.compile(self.target_modules)
             except re.error as e:
                 raise ValueError(f"LoRA target_modules={self.target_modules!r} is not a valid regular expression: {e}")
-        _check(self.scaling in SCALINGS, "scaling", self.scaling, f"one of {list(SCALINGS)}")
-        _check(self.init in INITS, "init", self.init, f"one of {list(INITS)}")
+        _require_field(self.scaling in SCALINGS, "scaling", self.scaling, f"one of {list(SCALINGS)}")
+        _require_field(self.init in INITS, "init", self.init, f"one of {list(INITS)}")
 
     @property
     def scale(self) -> float:
         return lora_scale(self.alpha, self.rank, self.scaling)
 
 
-def _check(ok: bool, name: str, value, allowed: str) -> None:
+def _require_field(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
         raise ValueError(f"LoRA {name}={value!r} is invalid: expected {allowed}")
 
@@ -82,66 +84,153 @@ def lora_scale(alpha: float, rank: int, scaling: str = "standard") -> float:
     return alpha / math.sqrt(rank) if scaling == "rslora" else alpha / rank
 
 
+class LoRAAdapter(nn.Module):
+    """One named low-rank update ``scale · B A`` while it waits: ``lora_A`` (r × in),
+    ``lora_B`` (out × r), its dropout and its scale. The active adapter's parts sit
+    on the ``LoRALinear`` itself, under loralib's names."""
+
+    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter, lora_dropout: nn.Module,
+                 rank: int, alpha: float, scaling: str):
+        super().__init__()
+        self.lora_A, self.lora_B, self.lora_dropout = lora_A, lora_B, lora_dropout
+        self.rank, self.alpha, self.scaling = rank, alpha, scaling
+        self.scale = lora_scale(alpha, rank, scaling)
+
+    @classmethod
+    def initialised(cls, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0,
+                    scaling: str = "standard", init: str = "kaiming", **factory) -> LoRAAdapter:
+        """A fresh adapter: A random, B zero, so it starts as no change at all (LoRA §4.1)."""
+        lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
+        if init == "gaussian":
+            nn.init.normal_(lora_A, std=1 / rank)
+        else:  # the initialisation nn.Linear (and loralib, PEFT) give A
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        dropout_layer = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        return cls(lora_A, lora_B, dropout_layer, rank, alpha, scaling)
+
+
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank update ``scale · B A``.
 
     The base ``weight`` and ``bias`` are the wrapped layer's own parameters
     (same tensors, same state-dict keys), frozen. ``lora_B`` starts at zero, so
-    a fresh layer computes exactly what the base computed.
+    a fresh layer computes exactly what the base computed. ``lora_A`` and
+    ``lora_B`` are float32 under a bf16/fp16 base (as PEFT keeps them): the LoRA
+    path runs in float32 and its result is cast back to the activation dtype.
+
+    A layer can hold several named adapters (one base, many tasks). The active
+    one is the layer's own ``lora_A`` / ``lora_B`` / ``lora_dropout`` / ``rank`` /
+    ``alpha`` / ``scale``, so a single-adapter layer keeps loralib's keys; the
+    others wait, frozen, in ``lora_parked[name]``. ``set_adapter`` swaps the
+    parameter objects, it never copies values. ``disabled = True`` computes the
+    base alone (torchtune's switch).
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 scaling: str = "standard", init: str = "kaiming"):
+                 scaling: str = "standard", init: str = "kaiming", adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.alpha, self.scaling = rank, alpha, scaling
-        self.scale = lora_scale(alpha, rank, scaling)
         self.weight = base.weight.requires_grad_(False)
         self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_parked = nn.ModuleDict()
+        self.active_adapter: str | None = None
         self.merged = False
-        self.reset_lora_parameters(init)
+        self.disabled = False
+        self.add_adapter(adapter_name, rank, alpha, dropout, scaling, init)
+        self.set_adapter(adapter_name)
 
-    def reset_lora_parameters(self, init: str = "kaiming") -> None:
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / self.rank)
-        else:  # the initialisation nn.Linear (and loralib, PEFT) give A
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+    @property
+    def adapter_names(self) -> list[str]:
+        return ([self.active_adapter] if self.active_adapter is not None else []) + list(self.lora_parked)
+
+    def adapter(self, name: str) -> LoRALinear | LoRAAdapter:
+        """What holds adapter ``name``'s lora_A, lora_B and scale: the layer itself when it is active."""
+        return self if name == self.active_adapter else self.lora_parked[name]
+
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0,
+                    scaling: str = "standard", init: str = "kaiming") -> None:
+        """A new adapter, parked and frozen until ``set_adapter(name)``."""
+        # float32 at least: bf16 cannot hold the small updates B receives early in training
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        adapter = LoRAAdapter.initialised(self.in_features, self.out_features, rank, alpha, dropout, scaling, init,
+                                          device=self.weight.device, dtype=dtype)
+        self.lora_parked[name] = adapter.requires_grad_(False)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Compute with adapter ``name`` (trainable; the others frozen, as in PEFT), or with
+        none when ``name`` is None or an adapter this layer does not hold."""
+        if name == self.active_adapter:
+            return
+        if self.merged:
+            raise RuntimeError("LoRALinear is merged: call unmerge() before switching adapters")
+        if self.active_adapter is not None:
+            self.lora_parked[self.active_adapter] = LoRAAdapter(
+                self.lora_A, self.lora_B, self.lora_dropout, self.rank, self.alpha, self.scaling).requires_grad_(False)
+            self._empty_slot()
+        if name in self.lora_parked:
+            adapter = self.lora_parked.pop(name).requires_grad_(True)
+            self.lora_A, self.lora_B, self.lora_dropout = adapter.lora_A, adapter.lora_B, adapter.lora_dropout
+            self.rank, self.alpha, self.scaling, self.scale = adapter.rank, adapter.alpha, adapter.scaling, adapter.scale
+            self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        if name == self.active_adapter:
+            if self.merged:
+                raise RuntimeError("LoRALinear is merged: call unmerge() before deleting its active adapter")
+            self._empty_slot()
+        else:
+            del self.lora_parked[name]
+
+    def _empty_slot(self) -> None:
+        del self.lora_A, self.lora_B, self.lora_dropout
+        self.rank = self.alpha = self.scaling = self.scale = self.active_adapter = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self.weight, self.bias)
         if self.merged:
             if self.training and torch.is_grad_enabled():
                 raise RuntimeError("LoRALinear is merged: call unmerge() before training it "
                                    "(a merged layer has no separate LoRA path to train)")
-            return F.linear(x, self.weight, self.bias)
+            return result
+        if self.disabled or self.active_adapter is None:
+            return result
+        x = self.lora_dropout(x.to(self.lora_A.dtype))  # float32 under a bf16/fp16 base
         # (x Aᵀ) Bᵀ: never materialise the (out × in) product B A in training
-        lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + self.scale * lora
+        lora = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., out)
+        return (result + self.scale * lora).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """scale · B A in float32, shape (out, in)."""
-        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+        """scale · B A, shape (out, in), in the adapter's dtype (float32, or float64 for a float64 base)."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + scale · B A, summed in the adapter's dtype and cast to W's once."""
+        delta = self.delta_weight()
+        return (self.weight.to(delta.dtype) + delta).to(self.weight.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold scale · B A into W (in float32, cast once). Idempotent."""
-        if not self.merged:
-            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
-            self.merged = True
+    def merge(self, safe: bool = False) -> None:
+        """Fold scale · B A into W. Idempotent. ``safe=True`` (PEFT's safe_merge) raises
+        before writing if the merged weight would hold NaN or inf, and leaves W as it was."""
+        if self.merged or self.active_adapter is None:
+            return
+        merged = self.merged_weight()
+        if safe:
+            _require_finite_merge(merged, self.active_adapter, f"Linear({self.in_features} -> {self.out_features})")
+        self.weight.copy_(merged)
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take scale · B A back out of W. Idempotent."""
         if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            delta = self.delta_weight()
+            self.weight.copy_((self.weight.to(delta.dtype) - delta).to(self.weight.dtype))
             self.merged = False
 
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding the merged weight (for export)."""
+        """A plain ``nn.Linear`` holding the merged weight (for export); the base when no adapter is active."""
         self.merge()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
@@ -149,8 +238,16 @@ class LoRALinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
+        parked = f", parked={list(self.lora_parked)}" if self.lora_parked else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha}, scaling={self.scaling}, merged={self.merged}")
+                f"alpha={self.alpha}, scaling={self.scaling}, merged={self.merged}, "
+                f"active_adapter={self.active_adapter!r}{parked}")
+
+
+def _require_finite_merge(merged: torch.Tensor, adapter: str, where: str) -> None:
+    if not torch.isfinite(merged).all():
+        raise ValueError(f"merging LoRA adapter {adapter!r} into {where} gives NaN/inf weights: "
+                         f"nothing was merged (check that adapter's lora_A and lora_B)")
 
 
 # ---------------------------------------------------------------------------
@@ -158,7 +255,8 @@ class LoRALinear(nn.Module):
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """The Linears LoRA can target: plain ``nn.Linear``s, and ``LoRALinear``s (another adapter)."""
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
 
 
 def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
@@ -173,12 +271,38 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Freeze ``model`` and wrap the targeted Linears in ``LoRALinear``, in place.
+    """Freeze ``model`` and wrap the targeted Linears in ``LoRALinear``, in place: the
+    model's adapter ``"default"``. Returns the names of the adapted modules (see ``add_adapter``)."""
+    return add_adapter(model, DEFAULT_ADAPTER, config)
 
-    Returns the names of the adapted modules. Raises before changing anything if
-    nothing matches, the rank is too large for a targeted layer, or a targeted
-    weight is tied to another module (GPT-2's lm_head and wte).
+
+def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> list[str]:
+    """Give the Linears ``config`` targets an adapter called ``name``, in place.
+
+    The model's first adapter is the active one, and everything else is frozen; a later
+    adapter waits, frozen, until ``set_adapter(model, name)``. Returns the names of the
+    adapted modules. Raises before changing anything if the name is taken, nothing
+    matches, the rank is too large for a targeted layer, or a targeted weight is tied to
+    another module (GPT-2's lm_head and wte).
     """
+    _require_new_name(model, name)
+    _require_unmerged(model, "adding an adapter")
+    targets = _validated_targets(model, config)
+    active = active_adapter(model) or name
+    if active == name:
+        model.requires_grad_(False)
+    for target in targets:
+        layer = model.get_submodule(target)
+        if isinstance(layer, LoRALinear):
+            layer.add_adapter(name, config.rank, config.alpha, config.dropout, config.scaling, config.init)
+        else:
+            layer = LoRALinear(layer, config.rank, config.alpha, config.dropout, config.scaling, config.init, name)
+            replace_module(model, target, layer)
+        layer.set_adapter(active)
+    return targets
+
+
+def _validated_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     targets = find_targets(model, config.target_modules)
     if not targets:
         raise ValueError(f"LoRA target_modules={config.target_modules!r} matched no nn.Linear in "
@@ -195,10 +319,6 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             raise ValueError(f"LoRA rank={config.rank} is larger than min(in, out)="
                              f"{min(layer.in_features, layer.out_features)} of layer {name!r} "
                              f"({layer.in_features} -> {layer.out_features})")
-    model.requires_grad_(False)
-    for name in targets:
-        replace_module(model, name, LoRALinear(model.get_submodule(name), config.rank, config.alpha,
-                                               config.dropout, config.scaling, config.init))
     return targets
 
 
@@ -209,11 +329,26 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The layers the active adapter adapts, by name."""
+    return {name: m for name, m in _lora_modules(model).items() if m.active_adapter is not None}
+
+
+def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every ``LoRALinear``, whatever adapters it holds."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def merge_lora(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
+@torch.no_grad()
+def merge_lora(model: nn.Module, safe: bool = False) -> None:
+    """Fold the active adapter into the base weights. ``safe=True`` checks every merged
+    weight for NaN/inf before writing any (PEFT's safe_merge); to merge another adapter,
+    ``set_adapter`` it first."""
+    layers = lora_layers(model)
+    if safe:
+        for name, layer in layers.items():
+            if not layer.merged:
+                _require_finite_merge(layer.merged_weight(), layer.active_adapter, repr(name))
+    for layer in layers.values():
         layer.merge()
 
 
@@ -223,19 +358,139 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every ``LoRALinear`` by a plain ``nn.Linear`` with the merged weight, in place."""
-    for name, layer in lora_layers(model).items():
+    """Replace every ``LoRALinear`` by a plain ``nn.Linear`` with the active adapter merged, in place
+    (other adapters are dropped)."""
+    for name, layer in _lora_modules(model).items():
         replace_module(model, name, layer.to_linear())
     return model
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+# ---------------------------------------------------------------------------
+# Many adapters, one base: PEFT's names (set_adapter, disable_adapter, delete_adapter)
 
 
-def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load adapter weights; keys and shapes must match the model's adapters exactly."""
-    expected = lora_state_dict(model)
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter ``model`` holds, in the order its layers list them."""
+    names: dict[str, None] = {}
+    for layer in _lora_modules(model).values():
+        names.update(dict.fromkeys(layer.adapter_names))
+    return list(names)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter ``model`` computes with; None when it holds none."""
+    return next((m.active_adapter for m in _lora_modules(model).values() if m.active_adapter is not None), None)
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Compute and train with adapter ``name``; the others stay, frozen. Exact: parameters
+    are swapped, not copied, so each adapter computes what it computes alone."""
+    _require_adapter(model, name)
+    _require_unmerged(model, "switching adapters")
+    for layer in _lora_modules(model).values():
+        layer.set_adapter(name)
+
+
+@contextmanager
+def disable_adapter(model: nn.Module):
+    """``with disable_adapter(model): ...`` computes the base alone, exactly."""
+    _require_unmerged(model, "disabling the adapters")
+    layers = list(_lora_modules(model).values())
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, disabled in zip(layers, before):
+            layer.disabled = disabled
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` and its parameters, in place. A Linear left with no adapter
+    becomes a plain (frozen) ``nn.Linear`` again. The active adapter can be deleted only
+    when it is the last one: ``set_adapter`` another first."""
+    _require_adapter(model, name)
+    others = [n for n in adapter_names(model) if n != name]
+    if name == active_adapter(model) and others:
+        raise ValueError(f"adapter {name!r} is active: set_adapter(model, one of {others}) before deleting it")
+    _require_unmerged(model, "deleting an adapter")
+    for module_name, layer in _lora_modules(model).items():
+        if name in layer.adapter_names:
+            layer.delete_adapter(name)
+        if not layer.adapter_names:
+            replace_module(model, module_name, layer.to_linear())
+
+
+@torch.no_grad()
+def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], name: str) -> list[str]:
+    """Add adapter ``name`` with ΔW = Σᵢ wᵢ · scaleᵢ · Bᵢ Aᵢ, exactly ("adapter arithmetic").
+
+    A sum of rank-rᵢ updates has rank up to Σ rᵢ, so in general no adapter of a smaller
+    rank holds it. Stacking does: A = [A₁; A₂; ...] (Σr × in) and B = [w₁·scale₁·B₁, w₂·scale₂·B₂, ...]
+    (out × Σr) give B A = Σᵢ wᵢ · scaleᵢ · Bᵢ Aᵢ, and the new adapter's scale is 1
+    (alpha = rank = Σ rᵢ). A layer that holds only some of ``adapters`` gets the sum of
+    those. The new adapter waits, frozen, like any added one. Returns the layers it adapts.
+    """
+    if not adapters or len(adapters) != len(weights):
+        raise ValueError(f"add_weighted_adapter needs one weight per adapter: got adapters={adapters}, "
+                         f"weights={weights}")
+    for adapter in adapters:
+        _require_adapter(model, adapter)
+    _require_new_name(model, name)
+    _require_unmerged(model, "combining adapters")
+    adapted = []
+    for module_name, layer in _lora_modules(model).items():
+        parts = [(w, layer.adapter(a)) for a, w in zip(adapters, weights) if a in layer.adapter_names]
+        if not parts:
+            continue
+        A = torch.cat([part.lora_A for _, part in parts])  # (Σr, in)
+        B = torch.cat([w * part.scale * part.lora_B for w, part in parts], dim=1)  # (out, Σr)
+        layer.add_adapter(name, rank=A.shape[0], alpha=A.shape[0])
+        layer.adapter(name).lora_A.copy_(A)
+        layer.adapter(name).lora_B.copy_(B)
+        adapted.append(module_name)
+    return adapted
+
+
+def _require_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[\w-]+", name) or hasattr(nn.ModuleDict, name):
+        raise ValueError(f"adapter name {name!r} is invalid: expected letters, digits, '_' or '-' "
+                         f"(and not a method of nn.ModuleDict, such as 'keys')")
+    if name in adapter_names(model):
+        raise ValueError(f"adapter {name!r} already exists: choose another name, or delete_adapter(model, {name!r})")
+
+
+def _require_adapter(model: nn.Module, name: str) -> None:
+    if name not in adapter_names(model):
+        raise ValueError(f"no adapter {name!r} in this model: it holds {adapter_names(model)}")
+
+
+def _require_unmerged(model: nn.Module, doing: str) -> None:
+    merged = [name for name, layer in _lora_modules(model).items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"{doing} needs an unmerged model: {merged[:3]} are merged; unmerge_lora(model) first")
+
+
+# ---------------------------------------------------------------------------
+# Saving and loading adapters
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """Adapter ``adapter_name``'s weights (default: the active one's), under loralib's keys
+    (``...q_proj.lora_A``) whether it is active or parked."""
+    name = adapter_name or active_adapter(model)
+    return {f"{module_name}.{key}": getattr(layer.adapter(name), key).detach()
+            for module_name, layer in _lora_modules(model).items() if name in layer.adapter_names
+            for key in ("lora_A", "lora_B")}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                         adapter_name: str | None = None) -> None:
+    """Load adapter weights into adapter ``adapter_name`` (default: the active one); keys and
+    shapes must match that adapter's exactly."""
+    expected = lora_state_dict(model, adapter_name)
     missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"adapter does not fit this model: missing keys {missing[:5]}, "
@@ -244,34 +499,59 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
         if value.shape != expected[key].shape:
             raise ValueError(f"adapter does not fit this model: {key} has shape {tuple(value.shape)}, "
                              f"the model expects {tuple(expected[key].shape)}")
-    if any(layer.merged for layer in lora_layers(model).values()):
+    if any(layer.merged for layer in _lora_modules(model).values()):
         raise RuntimeError("unmerge the model before loading adapter weights into it")
-    model.load_state_dict(state_dict, strict=False)
+    for key, value in state_dict.items():
+        expected[key].copy_(value)  # the detached tensors share the parameters' storage
 
 
-def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path) -> Path:
-    """Write the adapter alone: ``adapter.safetensors`` + ``adapter_config.json``."""
+def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, base: dict | None = None) -> Path:
+    """Write the active adapter alone: ``adapter.safetensors`` + ``adapter_config.json``.
+    ``base`` (e.g. ``{"kind": ..., "sha256": ...}``) records the base it was trained on."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
     save_file(tensors, directory / ADAPTER_WEIGHTS)
     meta = {"lora": asdict(config), "adapted_modules": sorted(lora_layers(model))}
+    if base is not None:
+        meta["base"] = base
     (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
-    """Inject the saved adapter's LoRA into a fresh base ``model`` and load its weights."""
+def load_adapter(model: nn.Module, directory: str | Path, name: str | None = None,
+                 expected_base_sha256: str | None = None) -> LoRAConfig:
+    """Add the adapter saved in ``directory`` to ``model`` as adapter ``name`` (default
+    ``"default"``) and load its weights; on a base without LoRA it becomes the active one.
+
+    With ``expected_base_sha256``, an adapter that records a different base fails before
+    anything changes; one that records none (an unknown base) loads.
+    """
     from safetensors.torch import load_file
 
     directory = Path(directory)
     meta = json.loads((directory / ADAPTER_CONFIG).read_text())
+    _require_same_base(meta.get("base"), expected_base_sha256, directory)
     config = LoRAConfig(**meta["lora"])
-    inject_lora(model, config)
-    load_lora_state_dict(model, load_file(directory / ADAPTER_WEIGHTS, device=str(next(model.parameters()).device)))
+    name = name or DEFAULT_ADAPTER
+    weights = load_file(directory / ADAPTER_WEIGHTS, device=str(next(model.parameters()).device))
+    add_adapter(model, name, config)
+    try:
+        load_lora_state_dict(model, weights, name)
+    except ValueError:
+        delete_adapter(model, name)  # leave the model with the adapters it had
+        raise
     return config
+
+
+def _require_same_base(recorded: dict | None, expected_sha256: str | None, directory: Path) -> None:
+    """An adapter means something only on the base it was trained on."""
+    recorded_sha256 = (recorded or {}).get("sha256")
+    if expected_sha256 is not None and recorded_sha256 is not None and recorded_sha256 != expected_sha256:
+        raise ValueError(f"adapter {directory} was trained on base {recorded.get('kind', '')} sha256={recorded_sha256}, "
+                         f"not on this base (sha256={expected_sha256}): load it onto the base it was trained on")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -281,5 +561,5 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def analytic_lora_parameters(model: nn.Module) -> int:
-    """Σ r · (in + out) over adapted layers: what LoRA should add."""
+    """Σ r · (in + out) over the layers the active adapter adapts: what LoRA should add."""
     return sum(m.rank * (m.in_features + m.out_features) for m in lora_layers(model).values())
