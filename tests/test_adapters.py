@@ -7,11 +7,26 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from test_lora import randomize_lora_B, tiny_gpt, tokens
 
-from loralab.lora import (LoRAConfig, LoRALinear, active_adapter, add_adapter, add_weighted_adapter, adapter_names,
-                          count_parameters, delete_adapter, disable_adapter, inject_lora, load_adapter,
-                          lora_layers, lora_state_dict, merge_lora, save_adapter, set_adapter)
+from loralab.lora import (
+    LoRAConfig,
+    LoRALinear,
+    active_adapter,
+    adapter_names,
+    add_adapter,
+    add_weighted_adapter,
+    count_parameters,
+    delete_adapter,
+    disable_adapter,
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+    set_adapter,
+)
+from test_lora import randomize_lora_B, tiny_gpt, tokens
 
 # "a" has scale 8/4 = 2, a power of two; "b" an rsLoRA scale 5/sqrt(2), and targets that overlap a's in part
 CONFIGS = {"a": LoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "k_proj"]),
@@ -171,7 +186,8 @@ def test_an_adapter_from_another_base_fails_with_one_line(tmp_path):
     target = tiny_gpt()
     with pytest.raises(ValueError) as error:
         load_adapter(target, tmp_path / "a", expected_base_sha256="2" * 64)
-    assert "\n" not in str(error.value) and f"sha256={'1' * 64}, not on this base (sha256={'2' * 64})" in str(error.value)
+    message = str(error.value)
+    assert "\n" not in message and f"sha256={'1' * 64}, not on this base (sha256={'2' * 64})" in message
     assert not adapter_names(target)  # nothing changed
     assert load_adapter(target, tmp_path / "a", expected_base_sha256="1" * 64) == CONFIGS["a"]
 

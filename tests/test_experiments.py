@@ -40,7 +40,8 @@ def test_every_sweep_point_is_a_valid_config(tmp_path, experiment):
 
 
 # (in, out) of each Linear a GPT block has, for a model n_embd wide
-LINEAR_SHAPES = {"q_proj": (1, 1), "k_proj": (1, 1), "v_proj": (1, 1), "o_proj": (1, 1), "fc_in": (1, 4), "fc_out": (4, 1)}
+LINEAR_SHAPES = {"q_proj": (1, 1), "k_proj": (1, 1), "v_proj": (1, 1), "o_proj": (1, 1),
+                 "fc_in": (1, 4), "fc_out": (4, 1)}
 
 
 def expected_trainable(cfg) -> int:
@@ -59,9 +60,9 @@ def expected_trainable(cfg) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_a_couple_of_steps_with_its_own_settings(tmp_path, base_cache, experiment):
-    from conftest import read_summary
-
     from loralab.run import train
+
+    from conftest import read_summary
 
     first, last = sweep_points(experiment)[0], sweep_points(experiment)[-1]
     for i, point in enumerate((first, last)):

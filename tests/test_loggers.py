@@ -63,9 +63,10 @@ def test_a_run_is_named_by_what_its_sweep_varies(tmp_path, task, params, job_ove
 @pytest.mark.parametrize("failed,exit_code", [(True, 1), (False, 0)])
 def test_a_failed_job_marks_its_wandb_run_failed(tmp_path, failed, exit_code):
     from pytorch_lightning.loggers import WandbLogger
-    from wandb_offline import offline_runs
 
     from loralab.loggers import finish_logger
+
+    from wandb_offline import offline_runs
 
     logger = WandbLogger(project="loralab", name="job", save_dir=str(tmp_path), mode="offline")
     logger.log_metrics({"train/loss": 1.0}, step=0)
@@ -75,9 +76,9 @@ def test_a_failed_job_marks_its_wandb_run_failed(tmp_path, failed, exit_code):
 
 
 def test_setting_id_is_shared_by_seeds_and_differs_between_settings(tmp_path):
-    from conftest import TINY, compose
-
     from loralab.loggers import setting_id
+
+    from conftest import TINY, compose
 
     def sid(*overrides):
         return setting_id(compose([*TINY, f"paths.output_dir={tmp_path}", *overrides]))

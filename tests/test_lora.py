@@ -8,9 +8,21 @@ import pytest
 import torch
 import torch.nn as nn
 
-from loralab.lora import (LoRAConfig, LoRALinear, analytic_lora_parameters, count_parameters,
-                          inject_lora, load_adapter, load_lora_state_dict, lora_layers, lora_state_dict,
-                          merge_and_unload, merge_lora, save_adapter, unmerge_lora)
+from loralab.lora import (
+    LoRAConfig,
+    LoRALinear,
+    analytic_lora_parameters,
+    count_parameters,
+    inject_lora,
+    load_adapter,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    merge_and_unload,
+    merge_lora,
+    save_adapter,
+    unmerge_lora,
+)
 from loralab.model import GPT, GPTConfig
 
 TINY = GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -153,8 +165,11 @@ def test_trainable_count_equals_analytic_count(targets):
 
 
 def test_targeting_by_names_regex_and_all_linear():
-    names = lambda t: inject_lora(tiny_gpt(), LoRAConfig(rank=2, target_modules=t))
-    assert names(["q_proj", "v_proj"]) == [f"transformer.h.{i}.attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    def names(targets):
+        return inject_lora(tiny_gpt(), LoRAConfig(rank=2, target_modules=targets))
+
+    assert names(["q_proj", "v_proj"]) == [f"transformer.h.{i}.attn.{p}" for i in range(2)
+                                           for p in ("q_proj", "v_proj")]
     assert names(r".*\.h\.1\.mlp\..*") == ["transformer.h.1.mlp.fc_in", "transformer.h.1.mlp.fc_out"]
     all_linear = names("all-linear")
     assert len(all_linear) == 2 * 6 and "lm_head" not in all_linear
@@ -279,7 +294,8 @@ def test_safe_merge_refuses_nan_and_inf_and_leaves_the_weight():
         layer.lora_B[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"adapter 'default' into Linear\(32 -> 32\) gives NaN/inf"):
         layer.merge(safe=True)
-    with pytest.raises(ValueError, match=r"into 'transformer.h.1.attn.v_proj' gives NaN/inf weights: nothing was merged"):
+    with pytest.raises(ValueError,
+                       match=r"into 'transformer.h.1.attn.v_proj' gives NaN/inf weights: nothing was merged"):
         merge_lora(model, safe=True)
     assert not any(m.merged for m in lora_layers(model).values())
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if n.endswith(".weight"))

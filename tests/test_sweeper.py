@@ -1,8 +1,10 @@
 """loralab's sweeper (hydra_plugins.loralab_sweeper): the baseline once per seed, every job checked first."""
 
 import pytest
-from conftest import TINY, run_train
+
 from hydra_plugins.loralab_sweeper import without_redundant_jobs
+
+from conftest import TINY, run_train
 
 
 def test_full_finetuning_runs_once_per_seed_in_a_rank_sweep():

@@ -171,7 +171,8 @@ def test_tensorboard_logger_and_a_given_base_checkpoint(tmp_path, base_cache):
 @pytest.mark.parametrize("override,message", [
     ("lora.rank=0", "LoRA rank=0 is invalid: expected a positive integer"),
     ("lora.rank=1000", "rank=1000 is larger than min(in, out)=64 of layer 'transformer.h.0.attn.q_proj'"),
-    ("lora.alpha=-1", "LoRA alpha=-1.0 is invalid: expected a number > 0"),
+    ("lora.alpha=-1", "LoRA alpha=-1.0 is invalid: expected a finite number > 0"),
+    ("lora.alpha=inf", "LoRA alpha=inf is invalid: expected a finite number > 0"),
     ("lora.dropout=1.5", "LoRA dropout=1.5 is invalid"),
     ("lora.scaling=sqrt", "LoRA scaling='sqrt' is invalid: expected one of ['standard', 'rslora']"),
     ("lora.target_modules=[query]", "matched no nn.Linear"),

@@ -55,17 +55,19 @@ class LoRAConfig:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         _require_field(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-               "rank", self.rank, "a positive integer")
-        _require_field(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "a number > 0")
+                       "rank", self.rank, "a positive integer")
+        _require_field(isinstance(self.alpha, (int, float)) and 0 < self.alpha < math.inf, "alpha", self.alpha,
+                       "a finite number > 0")
         _require_field(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
-               "dropout", self.dropout, "a number in [0, 1)")
+                       "dropout", self.dropout, "a number in [0, 1)")
         _require_field(bool(self.target_modules), "target_modules", self.target_modules,
-               "a non-empty list of module names, a regular expression, or 'all-linear'")
+                       "a non-empty list of module names, a regular expression, or 'all-linear'")
         if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
             try:
                 re.compile(self.target_modules)
             except re.error as e:
-                raise ValueError(f"LoRA target_modules={self.target_modules!r} is not a valid regular expression: {e}")
+                raise ValueError(f"LoRA target_modules={self.target_modules!r} is not a valid regular expression: "
+                                 f"{e}") from None
         _require_field(self.scaling in SCALINGS, "scaling", self.scaling, f"one of {list(SCALINGS)}")
         _require_field(self.init in INITS, "init", self.init, f"one of {list(INITS)}")
 
@@ -171,7 +173,8 @@ class LoRALinear(nn.Module):
         if name in self.lora_parked:
             adapter = self.lora_parked.pop(name).requires_grad_(True)
             self.lora_A, self.lora_B, self.lora_dropout = adapter.lora_A, adapter.lora_B, adapter.lora_dropout
-            self.rank, self.alpha, self.scaling, self.scale = adapter.rank, adapter.alpha, adapter.scaling, adapter.scale
+            self.rank, self.alpha = adapter.rank, adapter.alpha
+            self.scaling, self.scale = adapter.scaling, adapter.scale
             self.active_adapter = name
 
     def delete_adapter(self, name: str) -> None:
@@ -550,7 +553,8 @@ def _require_same_base(recorded: dict | None, expected_sha256: str | None, direc
     """An adapter means something only on the base it was trained on."""
     recorded_sha256 = (recorded or {}).get("sha256")
     if expected_sha256 is not None and recorded_sha256 is not None and recorded_sha256 != expected_sha256:
-        raise ValueError(f"adapter {directory} was trained on base {recorded.get('kind', '')} sha256={recorded_sha256}, "
+        raise ValueError(f"adapter {directory} was trained on base {recorded.get('kind', '')} "
+                         f"sha256={recorded_sha256}, "
                          f"not on this base (sha256={expected_sha256}): load it onto the base it was trained on")
 
 
