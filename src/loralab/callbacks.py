@@ -12,6 +12,8 @@ import time
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import _update_n
 
 from loralab.lora import analytic_lora_parameters, count_parameters, lora_layers, merge_lora
 
@@ -102,6 +104,29 @@ class MergeCheck(pl.Callback):
         ok = diff <= self.tolerance * max(1.0, unmerged.abs().max().item())
         self.metrics = {"lora/merge_max_abs_diff": diff, "lora/merge_ok": ok}
         log_to_loggers(trainer, {"lora/merge_max_abs_diff": diff, "lora/merge_ok": float(ok)})
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Progress in optimizer steps, ``finetune step 120/150``: runs are bounded by
+    ``max_steps``, so Lightning's per-epoch bar (``Epoch 1/-2``) would count nothing useful."""
+
+    def __init__(self, description: str):
+        super().__init__()
+        self.description = description
+
+    def on_train_epoch_start(self, trainer, *_):
+        if trainer.current_epoch == 0 or self.train_progress_bar.total != trainer.max_steps:
+            self.train_progress_bar.reset(total=trainer.max_steps)
+            self.train_progress_bar.initial = trainer.global_step
+            self.train_progress_bar.set_description(f"{self.description} step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._should_update(trainer.global_step, trainer.max_steps):
+            _update_n(self.train_progress_bar, trainer.global_step)
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
 
 class History(pl.Callback):

@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
-from loralab.callbacks import History, MergeCheck, ParameterCount, Throughput
+from loralab.callbacks import History, MergeCheck, ParameterCount, StepProgressBar, Throughput
 from loralab.config import gpt_config, lora_config_of, validate
 from loralab.data import ByteTokenizer, PretrainedTokenizer, TextDataModule
 from loralab.files import write_json
@@ -102,12 +102,15 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
     run's status, metrics and loss history, which also go to the logger's summary."""
     max_steps = max_steps or cfg.trainer.max_steps
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
+    callbacks = [count, throughput, merge_check, history]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar(job_type))
     module = LitGPT(model, max_steps=max_steps, **optim)
     logger = make_logger(cfg, identity, job_type)
     status = "failed"
     try:
         trainer = pl.Trainer(**{**cfg.trainer, "max_steps": max_steps}, logger=logger or False,
-                             callbacks=[count, throughput, merge_check, history], check_val_every_n_epoch=None,
+                             callbacks=callbacks, check_val_every_n_epoch=None,
                              num_sanity_val_steps=0, inference_mode=False, enable_checkpointing=False,
                              enable_model_summary=False, default_root_dir=cfg.paths.output_dir)
         base = evaluate(trainer, module, data)
