@@ -22,5 +22,5 @@ def test_progress_is_shown_in_steps_of_max_steps_across_epochs(capsys):
     assert trainer.current_epoch >= 1  # the run crossed an epoch boundary ...
     assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (trainer.max_steps, trainer.max_steps)
     out = capsys.readouterr().out  # Lightning writes its bars to stdout
-    assert f"finetune step: 100%" in out and f"{trainer.max_steps}/{trainer.max_steps}" in out  # ... one bar
+    assert "finetune step: 100%" in out and f"{trainer.max_steps}/{trainer.max_steps}" in out  # ... one bar
     assert "Epoch" not in out and "/-" not in out
