@@ -86,3 +86,13 @@ def test_setting_id_is_shared_by_seeds_and_differs_between_settings(tmp_path):
     seed1 = sid("seed=1")
     assert seed1 == sid("seed=2") == sid("seed=3", "logger=none", f"paths.cache_dir={tmp_path}")
     assert len({seed1, sid("seed=1", "lora.rank=4"), sid("seed=1", "lora=full"), sid("optim.lr=0.02")}) == 4
+
+
+@pytest.mark.parametrize("experiment,group", [("rank_sweep", "rank_sweep 2026-11-23/10-59-01"),
+                                              (None, "sweep 2026-11-23/10-59-01")])
+def test_a_sweeps_wandb_group_is_its_experiment_and_time_not_a_path(experiment, group):
+    from loralab.loggers import sweep_group
+
+    hydra = OmegaConf.create({"sweep": {"dir": "/home/me/loralab/outputs/multirun/2026-11-23/10-59-01"},
+                              "runtime": {"choices": {"experiment": experiment}}})
+    assert sweep_group(hydra) == group
