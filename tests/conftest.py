@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,6 +35,23 @@ def offline_everything(monkeypatch):
 def base_cache(tmp_path_factory) -> Path:
     """One cache of pretrained bases for the whole session, as a user's outputs/cache."""
     return tmp_path_factory.mktemp("cache")
+
+
+# Jobs in other processes at the same time, each rewriting the report as it ends (the basic,
+# sequential launcher where the joblib plugin is not installed).
+LAUNCHER = (["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+            if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") else [])
+
+
+@pytest.fixture(scope="session")
+def rank_sweep(tmp_path_factory, base_cache) -> tuple[Path, subprocess.CompletedProcess]:
+    """A real multirun, shared by the report and evaluation tests: two ranks and the full
+    fine-tuning baseline in the same sweep, two seeds each."""
+    tmp = tmp_path_factory.mktemp("rank_sweep")
+    sweep_dir = tmp / "sweep"
+    result = run_train(["-m", *LAUNCHER, "lora=default,full", "lora.rank=2,4", "seed=1,2", *TINY, "logger=none",
+                        f"paths.cache_dir={base_cache}", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp)
+    return sweep_dir, result
 
 
 def run_train(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,0 +1,139 @@
+"""Evaluate every adapter of a sweep on equal terms, after the fact: one base, many adapters.
+
+    python -m loralab.evaluate SWEEP_DIR                           # the sweep's own held-out split
+    python -m loralab.evaluate SWEEP_DIR --prompt "def main("      # and greedy generations side by side
+    python -m loralab.evaluate SWEEP_DIR data=text data.train_path=new.txt   # on new data
+
+Loads the base the sweep's adapters were trained on once (the base each adapter
+records; all must agree), adds every completed adapter to it by name, and evaluates
+the base alone (adapters disabled) and each adapter in turn on the same whole
+held-out split. Writes ``evaluation.md`` and ``evaluation.csv`` into the sweep
+directory and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from loralab.base import BaseError, load_recorded_base
+from loralab.files import write_atomic
+from loralab.lora import ADAPTER_CONFIG, disable_adapter, load_adapter, set_adapter
+from loralab.model import GPT
+
+BASE = "base (no adapter)"
+
+
+def completed_jobs(sweep_dir: Path) -> list[tuple[str, Path]]:
+    """(run name, job directory) of every job that left a completed LoRA adapter, in job order."""
+    jobs = []
+    for job_dir in sorted(sweep_dir.iterdir(), key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit()
+                                                              else 0, d.name)):
+        summary = job_dir / "summary.json"
+        if (job_dir / "adapter" / ADAPTER_CONFIG).is_file() and summary.is_file():
+            s = json.loads(summary.read_text())
+            if s.get("status") == "completed":
+                jobs.append((s.get("name") or job_dir.name, job_dir))
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir} holds no completed LoRA run (expected <job>/adapter/{ADAPTER_CONFIG})")
+    return jobs
+
+
+def shared_base(jobs: list[tuple[str, Path]]) -> tuple[GPT, str]:
+    """The one base every adapter of the sweep records, loaded and verified, and its hash."""
+    bases = {json.dumps(json.loads((d / "adapter" / ADAPTER_CONFIG).read_text()).get("base"), sort_keys=True)
+             for _, d in jobs}
+    if len(bases) != 1 or "null" in bases:
+        raise BaseError("the sweep's adapters do not record one common base: evaluate them sweep by sweep")
+    base = json.loads(bases.pop())
+    return load_recorded_base(base), base["sha256"]
+
+
+@torch.no_grad()
+def held_out_loss(model: GPT, batches) -> float:
+    """Mean next-token cross-entropy over every token of ``batches`` (as the runs' val/loss)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for x, y in batches:
+        _, loss = model(x, y)
+        total += loss.item() * y.numel()
+        tokens += y.numel()
+    return total / tokens
+
+
+@torch.no_grad()
+def greedy(model: GPT, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    out = model.eval().generate(idx, max_new_tokens, temperature=0)
+    return tokenizer.decode(out[0, idx.size(1):].tolist())
+
+
+def evaluate_sweep(sweep_dir: Path, overrides: list[str], prompt: str | None, max_new_tokens: int) -> list[dict]:
+    from loralab.data import TextDataModule
+    from loralab.run import tokenizer
+
+    jobs = completed_jobs(sweep_dir)
+    model, sha256 = shared_base(jobs)
+    for i, (_, job_dir) in enumerate(jobs):
+        load_adapter(model, job_dir / "adapter", name=f"job{i}", expected_base_sha256=sha256)
+    cfg = OmegaConf.merge(OmegaConf.load(jobs[0][1] / ".hydra" / "config.yaml"), OmegaConf.from_dotlist(overrides))
+    tok = tokenizer(cfg)
+    data = TextDataModule(block_size=model.config.block_size, tokenizer=tok, seed=cfg.seed, **cfg.data)
+    batches = list(data.val_dataloader())
+    rows = []
+    for i, (name, job_dir) in enumerate([(BASE, None), *jobs]):
+        if job_dir is not None:
+            set_adapter(model, f"job{i - 1}")
+        with disable_adapter(model) if job_dir is None else nullcontext():
+            loss = held_out_loss(model, batches)
+            row = {"run": name, "job": job_dir.name if job_dir else "", "val/loss": loss, "val/ppl": math.exp(loss),
+                   "val/tokens": sum(y.numel() for _, y in batches)}
+            if prompt is not None:
+                row["generation"] = greedy(model, tok, prompt, max_new_tokens)
+        rows.append(row)
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{v:.4f}" if isinstance(v, float) else str(v).replace("\n", "\\n") for v in row.values()]
+        lines.append("| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loralab.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. outputs/multirun/<date>/<time>")
+    parser.add_argument("overrides", nargs="*", help="data overrides, e.g. data=text data.train_path=new.txt")
+    parser.add_argument("--prompt", help="also generate greedily from this prompt with every adapter")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    # `data=text` picks the group in train.py; on a saved config it is data.corpus=text
+    overrides = ["data.corpus=text" if o == "data=text" else o for o in args.overrides]
+    try:
+        rows = evaluate_sweep(args.sweep_dir, overrides, args.prompt, args.max_new_tokens)
+    except (FileNotFoundError, BaseError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    table = to_markdown(rows)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(args.sweep_dir / "evaluation.csv", out.getvalue().encode())
+    write_atomic(args.sweep_dir / "evaluation.md", (f"# Evaluation: {args.sweep_dir}\n\n{table}\n").encode())
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
