@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.base import cached_base, load_base
@@ -86,7 +87,8 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> GPT:
         fit(cfg, model, data, identity, job_type="pretrain", optim=optim, max_steps=cfg.base.steps)
         return model
 
-    return cached_base(model_config, cfg.base, data.fingerprint, cfg.paths.cache_dir, pretrain)
+    # absolute, so that jobs on any launcher (whatever their working directory) share one cache
+    return cached_base(model_config, cfg.base, data.fingerprint, to_absolute_path(cfg.paths.cache_dir), pretrain)
 
 
 def tokenizer(cfg: DictConfig) -> ByteTokenizer | PretrainedTokenizer:
