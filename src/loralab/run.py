@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> float:
-    """Fine-tune one run as ``cfg`` describes; return its best val/loss."""
+    """Fine-tune one run as ``cfg`` describes; return its best val/loss (+inf if it diverged)."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = run_identity(cfg)
@@ -52,7 +52,9 @@ def train(cfg: DictConfig) -> float:
         summary.update(result)
         if summary["status"] == "completed" and lora_config is not None:
             save_adapter(model, lora_config, run_dir / "adapter")
-        return summary["metrics"]["best/val_loss"]
+        # +inf, not NaN, when it diverged: a search ranks it last (Optuna 2.10 refuses a NaN
+        # objective, and hydra-optuna-sweeper then stops the whole search)
+        return summary["metrics"]["best/val_loss"] if summary["status"] == "completed" else math.inf
     except Exception as e:
         summary["error"] = f"{type(e).__name__}: {e}"
         raise
