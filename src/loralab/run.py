@@ -21,6 +21,7 @@ from loralab.base import cached_base, load_base
 from loralab.callbacks import History, MergeCheck, ParameterCount, Throughput
 from loralab.config import gpt_config, lora_config_of, validate
 from loralab.data import ByteTokenizer, PretrainedTokenizer, TextDataModule
+from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, run_only_this_job
 from loralab.hf import load_gpt2, load_gpt2_tokenizer
 from loralab.lora import inject_lora, save_adapter
 from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
@@ -40,6 +41,7 @@ def train(cfg: DictConfig) -> float:
     summary = {"status": "failed", "error": None, "name": identity.name, "overrides": identity.overrides}
     try:
         validate(cfg)
+        run_only_this_job(cfg.trainer)
         model = base_model(cfg, identity)
         pl.seed_everything(cfg.seed, workers=True)
         data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed, tokenizer=tokenizer(cfg),
@@ -50,7 +52,7 @@ def train(cfg: DictConfig) -> float:
             log.info("LoRA r=%d on %d modules: %s", lora_config.rank, len(adapted), ", ".join(adapted))
         result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim)
         summary.update(result)
-        if summary["status"] == "completed" and lora_config is not None:
+        if summary["status"] == "completed" and lora_config is not None and is_rank_zero():
             save_adapter(model, lora_config, run_dir / "adapter")
         # +inf, not NaN, when it diverged: a search ranks it last (Optuna 2.10 refuses a NaN
         # objective, and hydra-optuna-sweeper then stops the whole search)
@@ -59,15 +61,17 @@ def train(cfg: DictConfig) -> float:
         summary["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        summary["wall_time_s"] = time.time() - started
-        summary["config"] = OmegaConf.to_container(cfg, resolve=False)
-        write_atomic(run_dir / "summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
-        print_result(summary)
-        if identity.group is not None:  # every job rewrites it: Hydra skips on_multirun_end once a job raised
-            try:
-                write_report(run_dir.parent)
-            except Exception as e:  # a broken report must not mask the job's own result or error
-                log.warning("sweep report not written in %s: %s", run_dir.parent, e)
+        end_process_group()
+        if is_rank_zero():  # the other DDP ranks trained the same adapter; one of them records it
+            summary["wall_time_s"] = time.time() - started
+            summary["config"] = OmegaConf.to_container(cfg, resolve=False)
+            write_atomic(run_dir / "summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
+            print_result(summary)
+            if identity.group is not None:  # every job rewrites it: Hydra skips on_multirun_end once a job raised
+                try:
+                    write_report(run_dir.parent)
+                except Exception as e:  # a broken report must not mask the job's own result or error
+                    log.warning("sweep report not written in %s: %s", run_dir.parent, e)
 
 
 def base_model(cfg: DictConfig, identity: RunIdentity) -> GPT:
@@ -108,13 +112,18 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
     run's status, metrics and loss history, which also go to the logger's summary."""
     max_steps = max_steps or cfg.trainer.max_steps
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
+    replicas = ReplicaCheck()
     module = LitGPT(model, max_steps=max_steps, **optim)
     logger = make_logger(cfg, identity, job_type)
+    trainer_args = {**cfg.trainer, "max_steps": max_steps}
+    if job_type == "pretrain":  # in one process, before DDP starts the other ranks (they wait on its cache)
+        trainer_args.update(strategy="auto", devices=1, num_nodes=1)
     status = "failed"
     try:
-        trainer = pl.Trainer(**{**cfg.trainer, "max_steps": max_steps}, logger=logger or False,
-                             callbacks=[count, throughput, merge_check, history], check_val_every_n_epoch=None,
-                             num_sanity_val_steps=0, inference_mode=False, enable_checkpointing=False,
+        trainer = pl.Trainer(**trainer_args, logger=logger or False,
+                             callbacks=[count, throughput, replicas, merge_check, history],
+                             check_val_every_n_epoch=None, num_sanity_val_steps=0, inference_mode=False,
+                             enable_checkpointing=False,
                              enable_model_summary=False, default_root_dir=cfg.paths.output_dir)
         base = trainer.validate(module, data, verbose=False)[0]
         trainer.fit(module, data)
@@ -127,11 +136,11 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
             "base/val_loss": base["val/loss"], "base/val_ppl": base["val/ppl"], "base/val_acc": base["val/acc"],
             "gain/val_loss": base["val/loss"] - final["val/loss"],
             "train/loss": history.history["train/loss"][-1][1] if history.history["train/loss"] else None,
-            **count.metrics, **throughput.metrics, **merge_check.metrics,
+            **count.metrics, **throughput.metrics, **merge_check.metrics, **replicas.metrics,
         }
         result = {"status": status, "job_type": job_type, "steps": trainer.global_step,
                   "metrics": metrics, "history": history.history}
-        if logger is not None and cfg.logger.name == "wandb":
+        if logger is not None and cfg.logger.name == "wandb" and is_rank_zero():  # other ranks hold a dummy run
             logger.experiment.summary.update({**metrics, "status": status})
         return result
     finally:
