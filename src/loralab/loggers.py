@@ -35,6 +35,8 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
     if hydra.mode != RunMode.MULTIRUN:
         return RunIdentity(name=hydra.job.override_dirname or "default", group=None, overrides=overrides)
     swept = swept_keys(Path(hydra.sweep.dir))
+    if swept is None:  # a sweeper that writes no multirun.yaml (Optuna's) has its search space here
+        swept = set(hydra.sweeper.get("params") or {}) or None
     own = [override for key, _, override in parse_overrides(overrides) if swept is None or key in swept]
     return RunIdentity(name=",".join(own) or hydra.job.override_dirname or "default",
                        group=Path(hydra.sweep.dir).as_posix(), overrides=overrides)
