@@ -136,7 +136,8 @@ def test_ddp_multirun_trains_each_job_on_two_processes_and_records_it_once(tmp_p
         rank_1_log = (sweep / str(job) / "train_ddp_process_1.log").read_text()
         assert "GLOBAL_RANK: 1, MEMBER: 2/2" in rank_1_log and f"LoRA r={rank} on 4 modules" in rank_1_log
         assert result.stdout.count(f"[loralab] lora.rank={rank}: completed") == 1  # rank 1 records nothing
-    assert len(list(sweep.rglob("run-*.wandb"))) == 2  # the finetune runs; rank 1 opened none
+    finetune = sorted(r.name for r in offline_runs(sweep) if r.job_type == "finetune")
+    assert finetune == ["lora.rank=2", "lora.rank=4"]  # rank 1 opened none
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # rank 1 left no run directory elsewhere
 
 
