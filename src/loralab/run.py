@@ -123,8 +123,8 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
         trainer = pl.Trainer(**trainer_args, logger=logger or False,
                              callbacks=[count, throughput, replicas, merge_check, history],
                              check_val_every_n_epoch=None, num_sanity_val_steps=0, inference_mode=False,
-                             enable_checkpointing=False,
-                             enable_model_summary=False, default_root_dir=cfg.paths.output_dir)
+                             enable_checkpointing=False, enable_model_summary=False,
+                             default_root_dir=cfg.paths.output_dir)
         base = trainer.validate(module, data, verbose=False)[0]
         trainer.fit(module, data)
         final = trainer.validate(module, data, verbose=False)[0]
