@@ -4,10 +4,13 @@
     python train.py -m lora.rank=4,8,16      # a sweep: one run per rank
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import loralab.schema  # noqa: F401  registers the config schema (train_schema) before Hydra composes
+from loralab.plugins import require_plugins
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -18,4 +21,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    require_plugins(sys.argv[1:])  # one line naming the extra, before Hydra's "Could not find ..."
     main()

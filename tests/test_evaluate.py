@@ -40,7 +40,7 @@ def test_cli_writes_the_table(rank_sweep):
     sweep_dir, _ = rank_sweep
     result = subprocess.run([sys.executable, "-m", "loralab.evaluate", str(sweep_dir)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert (sweep_dir / "evaluation.md").read_text().count("\n| ") == 5  # header rule + the base + 4 adapters
+    assert (sweep_dir / "evaluation.md").read_text().count("\n| ") == 6  # the header, the base, 4 adapters
     assert BASE in result.stdout
 
 

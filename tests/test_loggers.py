@@ -68,9 +68,12 @@ def test_a_failed_job_marks_its_wandb_run_failed(tmp_path, failed, exit_code):
 
     from wandb_offline import offline_runs
 
+    import wandb
+
     logger = WandbLogger(project="loralab", name="job", save_dir=str(tmp_path), mode="offline")
-    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.experiment.log({"train/loss": 1.0})
     finish_logger(logger, failed=failed)
+    wandb.teardown()  # the W&B service writes the run file in the background: wait until it has
     [run] = offline_runs(tmp_path)
     assert run.name == "job" and run.exit_code == exit_code
 

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.overrides import declared_sweep, sweep_label
+from loralab.overrides import declared_sweep, param_keys, sweep_label
 
 
 @dataclass
@@ -51,9 +51,10 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
         return RunIdentity(name=hydra.job.override_dirname or "default", group=None, overrides=overrides,
                            setting_id=setting)
     sweep = declared_sweep(hydra.sweep.dir)
-    name = sweep_label(overrides, sweep[0]) if sweep else ""
-    return RunIdentity(name=name or hydra.job.override_dirname or "default", group=sweep_group(hydra),
-                       overrides=overrides, setting_id=setting)
+    # a sweeper that writes no multirun.yaml (Optuna's) has its search space in its params
+    swept = sweep[0] if sweep else param_keys(hydra.sweeper.get("params") or {})
+    return RunIdentity(name=sweep_label(overrides, swept) or hydra.job.override_dirname or "default",
+                       group=sweep_group(hydra), overrides=overrides, setting_id=setting)
 
 
 def sweep_group(hydra) -> str:

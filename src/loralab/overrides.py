@@ -32,10 +32,14 @@ def declared_sweep(sweep_dir: str | Path) -> tuple[list[str], list[str]] | None:
         return None
     hydra = OmegaConf.load(path).hydra
     task = list(hydra.overrides.task)
-    params = hydra.sweeper.get("params") or {}
-    parsed = OverridesParser.create().parse_overrides(task + [f"{key}={value}" for key, value in params.items()])
-    keys = dict.fromkeys(o.key_or_group for o in parsed if o.is_sweep_override())
-    return list(keys), task
+    swept = [o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()]
+    return list(dict.fromkeys(swept + param_keys(hydra.sweeper.get("params") or {}))), task
+
+
+def param_keys(params) -> list[str]:
+    """The keys a sweeper's ``params`` search (``+lora/budget: q,v`` -> ``lora/budget``;
+    Optuna's ``choice(...)``/``interval(...)`` values parse too)."""
+    return [key for key, _, _ in parse_overrides([f"{key}={value}" for key, value in params.items()])]
 
 
 def varying_keys(overrides_per_run: list[list[str]]) -> list[str]:

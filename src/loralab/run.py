@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
 from loralab.callbacks import History, MergeCheck, ParameterCount, StepProgressBar, Throughput
 from loralab.config import gpt_config, lora_config_of, validate
 from loralab.data import ByteTokenizer, PretrainedTokenizer, TextDataModule
+from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, run_only_this_job
 from loralab.files import write_json
 from loralab.gpt2 import load_gpt2
 from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> float:
-    """Fine-tune one run as ``cfg`` describes; return its best val/loss."""
+    """Fine-tune one run as ``cfg`` describes; return its best val/loss (+inf if it diverged)."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = run_identity(cfg)
@@ -42,6 +44,7 @@ def train(cfg: DictConfig) -> float:
                "setting_id": identity.setting_id}
     try:
         validate(cfg)
+        run_only_this_job(cfg.trainer)
         model, base = base_model(cfg, identity)
         summary["base"] = base.to_dict()
         pl.seed_everything(cfg.seed, workers=True)
@@ -53,17 +56,21 @@ def train(cfg: DictConfig) -> float:
             log.info("LoRA r=%d on %d modules: %s", lora_config.rank, len(adapted), ", ".join(adapted))
         result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim)
         summary.update(result)
-        if summary["status"] == "completed" and lora_config is not None:
+        if summary["status"] == "completed" and lora_config is not None and is_rank_zero():
             save_adapter(model, lora_config, run_dir / "adapter", base=base.to_dict())
-        return summary["metrics"]["best/val_loss"]
+        # +inf, not NaN, when it diverged: a search ranks it last (Optuna 2.10 refuses a NaN
+        # objective, and hydra-optuna-sweeper then stops the whole search)
+        return summary["metrics"]["best/val_loss"] if summary["status"] == "completed" else math.inf
     except Exception as e:
         summary["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        summary["wall_time_s"] = time.time() - started
-        summary["config"] = OmegaConf.to_container(cfg, resolve=False)
-        write_json(run_dir / "summary.json", summary)
-        print_result(summary)
+        end_process_group()
+        if is_rank_zero():  # the other DDP ranks trained the same adapter; one of them records it
+            summary["wall_time_s"] = time.time() - started
+            summary["config"] = OmegaConf.to_container(cfg, resolve=False)
+            write_json(run_dir / "summary.json", summary)
+            print_result(summary)
 
 
 def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT, BaseIdentity]:
@@ -87,7 +94,8 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT, BaseIdentit
         fit(cfg, model, data, identity, job_type="pretrain", optim=optim, max_steps=cfg.base.steps)
         return model
 
-    return cached_base(model_config, cfg.base, data.fingerprint, cfg.paths.cache_dir, pretrain)
+    # absolute, so that jobs on any launcher (whatever their working directory) share one cache
+    return cached_base(model_config, cfg.base, data.fingerprint, to_absolute_path(cfg.paths.cache_dir), pretrain)
 
 
 def tokenizer(cfg: DictConfig) -> ByteTokenizer | PretrainedTokenizer:
@@ -102,17 +110,21 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
     run's status, metrics and loss history, which also go to the logger's summary."""
     max_steps = max_steps or cfg.trainer.max_steps
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
-    callbacks = [count, throughput, merge_check, history]
+    replicas = ReplicaCheck()
+    callbacks = [count, throughput, replicas, merge_check, history]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(job_type))
     module = LitGPT(model, max_steps=max_steps, **optim)
     logger = make_logger(cfg, identity, job_type)
+    trainer_args = {**cfg.trainer, "max_steps": max_steps}
+    if job_type == "pretrain":  # in one process, before DDP starts the other ranks (they wait on its cache)
+        trainer_args.update(strategy="auto", devices=1, num_nodes=1)
     status = "failed"
     try:
-        trainer = pl.Trainer(**{**cfg.trainer, "max_steps": max_steps}, logger=logger or False,
-                             callbacks=callbacks, check_val_every_n_epoch=None,
-                             num_sanity_val_steps=0, inference_mode=False, enable_checkpointing=False,
-                             enable_model_summary=False, default_root_dir=cfg.paths.output_dir)
+        trainer = pl.Trainer(**trainer_args, logger=logger or False, callbacks=callbacks,
+                             check_val_every_n_epoch=None, num_sanity_val_steps=0, inference_mode=False,
+                             enable_checkpointing=False, enable_model_summary=False,
+                             default_root_dir=cfg.paths.output_dir)
         base = evaluate(trainer, module, data)
         trainer.fit(module, data)
         final = evaluate(trainer, module, data)
@@ -125,11 +137,11 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
             "gain/val_loss": base["val/loss"] - final["val/loss"],
             "train/loss": history.history["train/loss"][-1][1] if history.history["train/loss"] else None,
             "val/tokens": len(data.val_set) * data.block_size,  # what base/ and the final val/ numbers cover
-            **count.metrics, **throughput.metrics, **merge_check.metrics,
+            **count.metrics, **throughput.metrics, **merge_check.metrics, **replicas.metrics,
         }
         result = {"status": status, "job_type": job_type, "steps": trainer.global_step,
                   "metrics": metrics, "history": history.history}
-        if logger is not None and cfg.logger.name == "wandb":
+        if logger is not None and cfg.logger.name == "wandb" and is_rank_zero():  # other ranks hold a dummy run
             logger.experiment.summary.update({**metrics, "status": status})
         return result
     finally:
