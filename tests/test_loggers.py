@@ -62,13 +62,12 @@ def test_a_run_is_named_by_what_its_sweep_varies(tmp_path, task, params, job_ove
 
 @pytest.mark.parametrize("failed,exit_code", [(True, 1), (False, 0)])
 def test_a_failed_job_marks_its_wandb_run_failed(tmp_path, failed, exit_code):
+    import wandb
     from pytorch_lightning.loggers import WandbLogger
 
     from loralab.loggers import finish_logger
 
     from wandb_offline import offline_runs
-
-    import wandb
 
     logger = WandbLogger(project="loralab", name="job", save_dir=str(tmp_path), mode="offline")
     logger.experiment.log({"train/loss": 1.0})
