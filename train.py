@@ -2,12 +2,15 @@
 
     python train.py                          # the default experiment
     python train.py -m lora.rank=4,8,16      # a sweep: one run per rank
+
+Exit codes: 0 completed, 1 failed, 2 invalid config, 3 diverged (loralab.exits).
 """
 
 import hydra
 from omegaconf import DictConfig
 
 import loralab.schema  # noqa: F401  registers the config schema (train_schema) before Hydra composes
+from loralab.exits import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -18,4 +21,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

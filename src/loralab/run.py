@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
 from loralab.callbacks import History, MergeCheck, ParameterCount, Throughput
-from loralab.config import gpt_config, lora_config_of, validate
-from loralab.data import ByteTokenizer, PretrainedTokenizer, TextDataModule
+from loralab.config import ConfigError, gpt_config, lora_config_of, validate
+from loralab.data import TextDataModule, tokenizer_of
 from loralab.files import write_json
 from loralab.gpt2 import load_gpt2
 from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
@@ -45,8 +45,8 @@ def train(cfg: DictConfig) -> float:
         model, base = base_model(cfg, identity)
         summary["base"] = base.to_dict()
         pl.seed_everything(cfg.seed, workers=True)
-        data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed, tokenizer=tokenizer(cfg),
-                              **cfg.data)
+        data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed,
+                              tokenizer=tokenizer_of(cfg.model.pretrained), **cfg.data)
         lora_config = lora_config_of(cfg.lora)
         if lora_config is not None:
             adapted = inject_lora(model, lora_config)
@@ -63,7 +63,8 @@ def train(cfg: DictConfig) -> float:
         summary["wall_time_s"] = time.time() - started
         summary["config"] = OmegaConf.to_container(cfg, resolve=False)
         write_json(run_dir / "summary.json", summary)
-        print_result(summary)
+        if not (summary["error"] or "").startswith(ConfigError.__name__):  # its lines alone say it (loralab.exits)
+            print_result(summary)
 
 
 def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT, BaseIdentity]:
@@ -88,12 +89,6 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT, BaseIdentit
         return model
 
     return cached_base(model_config, cfg.base, data.fingerprint, cfg.paths.cache_dir, pretrain)
-
-
-def tokenizer(cfg: DictConfig) -> ByteTokenizer | PretrainedTokenizer:
-    """The GPT-2 checkpoint's own tokenizer when its directory holds one, else bytes."""
-    saved = PretrainedTokenizer.from_directory(cfg.model.pretrained) if cfg.model.pretrained else None
-    return saved or ByteTokenizer()
 
 
 def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity, job_type: str,
