@@ -65,7 +65,7 @@ def config_error_lines(error: CompactHydraException) -> list[str]:
         return [f"unknown config key {cause.full_key!r}: {cause.full_key.rpartition('.')[0] or 'the config'} "
                 f"has no such key (see `python train.py --cfg job`)"]
     if isinstance(cause, OmegaConfBaseException) and cause.full_key:
-        return [f"{cause.full_key}={cause.value!r} is invalid: {one_line(cause.msg)}"]
+        return [f"{cause.full_key}={cause.value!r} is invalid: {cause.msg.strip().splitlines()[0]}"]
     return ["; ".join(one_line(str(part)) for part in (error, cause) if part is not None and str(part).strip())]
 
 
@@ -95,6 +95,14 @@ def sweep_exit_code(statuses: list[str | None]) -> int:
     return EXIT_FAILED if EXIT_FAILED in codes else max(codes, default=0)
 
 
+def output_dir(job_return) -> str:
+    """The job's paths.output_dir: it interpolates Hydra's config, which Hydra has unset by now."""
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(job_return.hydra_cfg)
+    return job_return.cfg.paths.output_dir
+
+
 class ExitCode(Callback):
     """Ends ``python train.py`` with the exit code of what happened (the table above)."""
 
@@ -110,7 +118,7 @@ class ExitCode(Callback):
                 sys.exit(EXIT_CONFIG)
             sys.stderr.write(job_traceback(error))
             sys.exit(EXIT_FAILED)
-        if run_status(job_return.cfg.paths.output_dir) == "diverged":
+        if run_status(output_dir(job_return)) == "diverged":
             sys.exit(EXIT_DIVERGED)
 
     def on_multirun_end(self, config, **kwargs) -> None:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
 from loralab.callbacks import History, MergeCheck, ParameterCount, Throughput
 from loralab.config import ConfigError, gpt_config, lora_config_of, validate
+from loralab.console import silence_known_noise
 from loralab.data import TextDataModule, tokenizer_of
 from loralab.files import write_json
 from loralab.gpt2 import load_gpt2
@@ -28,12 +29,14 @@ from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identit
 from loralab.lora import inject_lora, save_adapter
 from loralab.model import GPT
 from loralab.module import LitGPT
+from loralab.provenance import provenance
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> float:
     """Fine-tune one run as ``cfg`` describes; return its best val/loss."""
+    silence_known_noise()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = run_identity(cfg)
@@ -44,7 +47,7 @@ def train(cfg: DictConfig) -> float:
         validate(cfg)
         model, base = base_model(cfg, identity)
         summary["base"] = base.to_dict()
-        pl.seed_everything(cfg.seed, workers=True)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
         data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed,
                               tokenizer=tokenizer_of(cfg.model.pretrained), **cfg.data)
         lora_config = lora_config_of(cfg.lora)
@@ -62,6 +65,7 @@ def train(cfg: DictConfig) -> float:
     finally:
         summary["wall_time_s"] = time.time() - started
         summary["config"] = OmegaConf.to_container(cfg, resolve=False)
+        summary["provenance"] = provenance(cfg.trainer)
         write_json(run_dir / "summary.json", summary)
         if not (summary["error"] or "").startswith(ConfigError.__name__):  # its lines alone say it (loralab.exits)
             print_result(summary)
@@ -82,7 +86,7 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT, BaseIdentit
     model_config = gpt_config(cfg.model)
 
     def pretrain() -> GPT:
-        pl.seed_everything(cfg.base.seed, workers=True)
+        pl.seed_everything(cfg.base.seed, workers=True, verbose=False)
         model = GPT(model_config)
         optim = {"lr": cfg.base.lr, "warmup_steps": cfg.base.warmup_steps}
         fit(cfg, model, data, identity, job_type="pretrain", optim=optim, max_steps=cfg.base.steps)
