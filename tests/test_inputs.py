@@ -154,7 +154,7 @@ def test_a_bad_input_prints_its_line_alone_and_does_no_work(files, overrides, li
     assert result.returncode == EXIT_CONFIG
     assert result.stderr == line + "\n" and result.stdout == ""
     assert not (files / "outputs" / "cache").exists()  # the default cache: nothing pretrained
-    assert wall_s < 60  # imports only: pretraining the default base takes minutes
+    assert wall_s < 90  # imports only (slower on a loaded machine); pretraining the default base takes minutes
 
 
 @pytest.mark.slow

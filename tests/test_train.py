@@ -55,12 +55,25 @@ def test_rank_multirun_gives_one_wandb_run_per_job(tmp_path, base_cache):
 
 @pytest.mark.slow
 def test_failing_job_does_not_stop_the_others(tmp_path, base_cache):
+    """A base checkpoint whose header is intact but whose last weights were zeroed passes the
+    checks before the sweep (they read the header only) and fails in its job, as a file
+    damaged on disk does."""
+    import torch
+
+    from loralab.base import save_base
+    from loralab.config import gpt_config
+    from loralab.model import GPT
+
+    torch.manual_seed(0)
+    good, damaged = tmp_path / "good.safetensors", tmp_path / "damaged.safetensors"
+    save_base(GPT(gpt_config(compose(TINY).model)), good)
+    damaged.write_bytes(good.read_bytes()[:-1000] + bytes(1000))
     sweep = tmp_path / "sweep"
-    result = run_train(["-m", "lora.rank=1000,2", *TINY, f"paths.cache_dir={base_cache}", f"hydra.sweep.dir={sweep}"],
+    result = run_train(["-m", f"base.checkpoint={damaged},{good}", *TINY, "logger=none", f"hydra.sweep.dir={sweep}"],
                        cwd=tmp_path, check=False)
-    assert result.returncode != 0  # the sweep as a whole failed ...
+    assert result.returncode == 1  # the sweep as a whole failed ...
     failed, completed = summary(sweep / "0"), summary(sweep / "1")
-    assert failed["status"] == "failed" and "rank=1000 is larger than min(in, out)=64" in failed["error"]
+    assert failed["status"] == "failed" and str(damaged) in failed["error"]
     assert not (sweep / "0" / "adapter").exists()  # nothing that looks like a result
     assert completed["status"] == "completed"  # ... but the next job still ran
 

@@ -59,7 +59,7 @@ class Problems:
         """``make()``'s result, or None with its error recorded under ``section``."""
         try:
             return make()
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ImportError) as e:  # ImportError: an optional package not installed
             self.lines.append(f"{section}: {e}")
             return None
 
@@ -97,7 +97,8 @@ def validate(cfg: DictConfig) -> None:
                        for key, where in unknown]
     if not missing:
         base_config = check_model_and_lora(cfg, problems, skip={where for _, where in unknown})
-        tokenizer = tokenizer_of(cfg.model.pretrained) if base_config is not None else None
+        tokenizer = None if base_config is None else problems.build(  # a GPT-2 tokenizer needs `tokenizers`
+            "model.pretrained", lambda: tokenizer_of(cfg.model.pretrained))
         check_data(cfg.data, "data", problems, base_config, tokenizer)
         pretrains = not cfg.model.pretrained and not cfg.base.checkpoint
         check_data(cfg.base, "base", problems, base_config if pretrains else None, ByteTokenizer())
@@ -199,7 +200,7 @@ def check_data(node: DictConfig, section: str, problems: Problems, base_config: 
             read_text_file(path)
         except (OSError, ValueError) as e:
             problems.require(False, f"{section}.{key}", path, f"a readable UTF-8 text file; {e}")
-    if base_config is not None and len(problems.lines) == before:
+    if base_config is not None and tokenizer is not None and len(problems.lines) == before:
         check_splits_hold_a_block(node, section, problems, base_config.block_size, tokenizer)
 
 
