@@ -2,6 +2,8 @@
 
     python train.py                          # the default experiment
     python train.py -m lora.rank=4,8,16      # a sweep: one run per rank
+
+Exit codes: 0 completed, 1 failed, 2 invalid config, 3 diverged (loralab.exits).
 """
 
 import sys
@@ -10,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 import loralab.schema  # noqa: F401  registers the config schema (train_schema) before Hydra composes
+from loralab.exits import run
 from loralab.plugins import require_plugins
 
 
@@ -22,4 +25,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     require_plugins(sys.argv[1:])  # one line naming the extra, before Hydra's "Could not find ..."
-    main()
+    run(main)

@@ -62,10 +62,10 @@ def test_gpt2_checkpoint_fine_tunes_through_train_py_and_exports(tmp_path, gpt2_
 
 
 def test_the_checkpoints_own_tokenizer_is_used(tmp_path, gpt2_dir):
-    from loralab.run import tokenizer
+    from loralab.data import tokenizer_of
 
     cfg = compose(["model=gpt2", f"model.pretrained={gpt2_dir}", f"paths.output_dir={tmp_path}"])
-    used = tokenizer(cfg)
+    used = tokenizer_of(cfg.model.pretrained)
     saved = tokenizers.Tokenizer.from_file(str(gpt2_dir / "tokenizer.json"))
     assert isinstance(used, PretrainedTokenizer)
     text = "def f(x):\n    return x"

@@ -64,9 +64,9 @@ def save_base(model: GPT, path: str | Path) -> str:
     return sha256
 
 
-def load_base(path: str | Path) -> tuple[GPT, str]:
-    """The base GPT in ``path`` and its weights' SHA-256, verified; BaseError if the file
-    is not a loralab base or its weights are not the ones it was saved with."""
+def read_base_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a loralab base file, reading its header only (cheap: no weights);
+    BaseError if it is not a readable safetensors file with a ``gpt_config``."""
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -74,6 +74,13 @@ def load_base(path: str | Path) -> tuple[GPT, str]:
         raise BaseError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     if "gpt_config" not in metadata:
         raise BaseError(f"{path} is not a loralab base checkpoint (no gpt_config in its metadata)")
+    return metadata
+
+
+def load_base(path: str | Path) -> tuple[GPT, str]:
+    """The base GPT in ``path`` and its weights' SHA-256, verified; BaseError if the file
+    is not a loralab base or its weights are not the ones it was saved with."""
+    metadata = read_base_metadata(path)
     model = GPT(GPTConfig(**json.loads(metadata["gpt_config"])))
     try:
         load_model(model, str(path))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import json
 import math
 import typing
 from pathlib import Path
@@ -22,7 +23,9 @@ import torch
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.data import CORPORA, ByteTokenizer
+from loralab.base import BaseError, read_base_metadata
+from loralab.data import CORPORA, ByteTokenizer, corpus_splits, read_text_file, tokenizer_of
+from loralab.gpt2 import WEIGHTS, read_gpt2_config
 from loralab.lora import LoRAConfig, inject_lora
 from loralab.model import GPT, GPTConfig
 from loralab.schema import TrainConfig
@@ -33,6 +36,7 @@ WANDB_MODES = ("auto", "offline", "online", "disabled")
 OWN_TRAINER_ARGS = {"logger", "callbacks", "check_val_every_n_epoch", "num_sanity_val_steps", "inference_mode",
                     "enable_checkpointing", "enable_model_summary", "default_root_dir"}
 TRAINER_ARGS = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"} - OWN_TRAINER_ARGS
+SEEDS = (0, 2**32 - 1)  # what seed_everything accepts (numpy's seeds)
 
 
 class ConfigError(CompactHydraException, ValueError):
@@ -44,16 +48,18 @@ class Problems:
 
     def __init__(self):
         self.lines: list[str] = []
+        self.keys: set[str] = set()  # the keys named so far
 
     def require(self, ok: bool, key: str, value, allowed: str) -> None:
         if not ok:
             self.lines.append(f"{key}={value!r} is invalid: expected {allowed}")
+            self.keys.add(key)
 
     def build(self, section: str, make):
         """``make()``'s result, or None with its error recorded under ``section``."""
         try:
             return make()
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ImportError) as e:  # ImportError: an optional package not installed
             self.lines.append(f"{section}: {e}")
             return None
 
@@ -70,20 +76,35 @@ class Problems:
         self.require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, value,
                      "a positive integer")
 
+    def finite(self, node: dict, prefix: str = "") -> None:
+        """Every float under ``node`` finite: a NaN or inf is never a setting (null switches things off)."""
+        for key, value in node.items():
+            if isinstance(value, dict):
+                self.finite(value, f"{prefix}{key}.")
+            elif isinstance(value, float) and not math.isfinite(value) and f"{prefix}{key}" not in self.keys:
+                self.require(False, f"{prefix}{key}", value, "a finite number")
+
 
 def validate(cfg: DictConfig) -> None:
-    """Raise one ConfigError listing every problem of ``cfg``, one line each."""
+    """Raise one ConfigError listing every problem of ``cfg``, one line each. Cheap: files
+    are read, checkpoints only to their header, the model built only on the meta device."""
     problems = Problems()
     missing = sorted(OmegaConf.missing_keys(cfg))
     for key in missing:
         problems.lines.append(f"config value {key} is required but not set (add {key}=...)")
+    unknown = unknown_keys(cfg)
     problems.lines += [f"unknown config key {key!r}: {where} has no such key (see `python train.py --cfg job`)"
-                       for key, where in unknown_keys(cfg)]
+                       for key, where in unknown]
     if not missing:
-        check_model_and_lora(cfg, problems)
-        check_data(cfg.data, "data", problems)
-        check_data(cfg.base, "base", problems)
+        base_config = check_model_and_lora(cfg, problems, skip={where for _, where in unknown})
+        tokenizer = None if base_config is None else problems.build(  # a GPT-2 tokenizer needs `tokenizers`
+            "model.pretrained", lambda: tokenizer_of(cfg.model.pretrained))
+        check_data(cfg.data, "data", problems, base_config, tokenizer)
+        pretrains = not cfg.model.pretrained and not cfg.base.checkpoint
+        check_data(cfg.base, "base", problems, base_config if pretrains else None, ByteTokenizer())
         check_training(cfg, problems)
+        check_hardware(cfg.trainer, problems)
+        problems.finite(OmegaConf.to_container(cfg, resolve=False))
     if problems.lines:
         raise ConfigError("\n".join(problems.lines))
 
@@ -103,20 +124,63 @@ def unknown_keys(cfg: DictConfig, schema: type = TrainConfig, prefix: str = "") 
     return unknown
 
 
-def check_model_and_lora(cfg: DictConfig, problems: Problems) -> None:
-    model_config = problems.build("model", lambda: gpt_config(cfg.model))
+def check_model_and_lora(cfg: DictConfig, problems: Problems, skip: set[str]) -> GPTConfig | None:
+    """Check the model and LoRA sections (but those in ``skip``: they have unknown keys);
+    return the config of the base the run will fine-tune (a GPT-2 directory's, a
+    checkpoint's, or the model section's), or None."""
+    model_config = None if "model" in skip else problems.build("model", lambda: gpt_config(cfg.model))
     if model_config is not None and not cfg.model.pretrained:
         problems.require(model_config.vocab_size >= ByteTokenizer.vocab_size, "model.vocab_size",
                          model_config.vocab_size, f"at least {ByteTokenizer.vocab_size} for the byte tokenizer")
-    lora_config = problems.build("lora", lambda: lora_config_of(cfg.lora))
-    if lora_config is not None and model_config is not None and not cfg.model.pretrained:
+    if cfg.model.pretrained:
+        base_config = pretrained_config(cfg.model.pretrained, problems)
+    elif cfg.base.checkpoint:
+        base_config = checkpoint_config(cfg.base.checkpoint, problems)
+    else:
+        base_config = model_config
+    lora_config = None if "lora" in skip else problems.build("lora", lambda: lora_config_of(cfg.lora))
+    if lora_config is not None and base_config is not None:
         with torch.device("meta"):  # rank against the real layer shapes, at no cost
-            problems.build("lora", lambda: inject_lora(GPT(model_config), lora_config))
-    problems.require(cfg.model.pretrained is None or Path(cfg.model.pretrained).is_dir(), "model.pretrained",
-                     cfg.model.pretrained, "an existing Hugging Face GPT-2 directory (or null)")
+            problems.build("lora", lambda: inject_lora(GPT(base_config), lora_config))
+    return base_config
 
 
-def check_data(node: DictConfig, section: str, problems: Problems) -> None:
+def pretrained_config(directory: str, problems: Problems) -> GPTConfig | None:
+    """The GPTConfig of a Hugging Face GPT-2 directory: its config.json read, its weights present."""
+    allowed = "a Hugging Face GPT-2 directory or null"
+    if not Path(directory).expanduser().is_dir():
+        problems.require(False, "model.pretrained", directory, f"{allowed}; there is no such directory")
+        return None
+    try:
+        config = read_gpt2_config(Path(directory).expanduser())
+    except (ValueError, OSError) as e:  # no config.json, unreadable JSON, or an unsupported GPT-2 variant
+        problems.require(False, "model.pretrained", directory, f"{allowed}; {e}")
+        return None
+    if not any((Path(directory).expanduser() / name).is_file() for name in WEIGHTS):
+        problems.require(False, "model.pretrained", directory, f"{allowed}; it holds none of {list(WEIGHTS)}")
+        return None
+    return config
+
+
+def checkpoint_config(path: str, problems: Problems) -> GPTConfig | None:
+    """The GPTConfig in a loralab base file's header (its weights are not read here)."""
+    allowed = "a base-*.safetensors file written by loralab, or null to pretrain"
+    if not Path(path).expanduser().is_file():
+        problems.require(False, "base.checkpoint", path, f"{allowed}; there is no such file")
+        return None
+    try:
+        metadata = read_base_metadata(Path(path).expanduser())
+        return GPTConfig(**json.loads(metadata["gpt_config"]))
+    except (BaseError, ValueError, TypeError) as e:
+        problems.require(False, "base.checkpoint", path, f"{allowed}; {e}")
+        return None
+
+
+def check_data(node: DictConfig, section: str, problems: Problems, base_config: GPTConfig | None = None,
+               tokenizer=None) -> None:
+    """The section's keys, its files (readable UTF-8 text) and, given the base's config, that
+    the train and the validation split each hold at least one block of the model."""
+    before = len(problems.lines)
     problems.require(node.corpus in CORPORA, f"{section}.corpus", node.corpus, f"one of {list(CORPORA)}")
     if node.corpus == "text" and node.get("train_path") is None:
         problems.lines.append(f"{section}.train_path is required with {section}.corpus=text "
@@ -127,13 +191,46 @@ def check_data(node: DictConfig, section: str, problems: Problems) -> None:
         problems.positive_int(node.max_bytes, f"{section}.max_bytes")
     for key in ("train_path", "val_path"):
         path = node.get(key)
-        problems.require(path is None or Path(path).expanduser().is_file(), f"{section}.{key}", path,
-                         "an existing text file")
+        if path is None or node.corpus != "text":
+            continue
+        if not Path(path).expanduser().is_file():
+            problems.require(False, f"{section}.{key}", path, "an existing text file")
+            continue
+        try:
+            read_text_file(path)
+        except (OSError, ValueError) as e:
+            problems.require(False, f"{section}.{key}", path, f"a readable UTF-8 text file; {e}")
+    if base_config is not None and tokenizer is not None and len(problems.lines) == before:
+        check_splits_hold_a_block(node, section, problems, base_config.block_size, tokenizer)
+
+
+def check_splits_hold_a_block(node: DictConfig, section: str, problems: Problems, block_size: int,
+                              tokenizer) -> None:
+    """Both splits, made as ``data.corpus_splits`` makes them, hold ``block_size + 1`` tokens;
+    the line names the key that made them short (the file, or ``max_bytes`` where it cut)."""
+    val_path = node.get("val_path") if node.corpus == "text" else None
+    train, val = corpus_splits(node.corpus, node.max_bytes, node.val_fraction, node.get("train_path"), val_path)
+    needed = block_size + 1
+    counts = {"train": tokenizer.count(train), "validation": tokenizer.count(val)}
+    short = [split for split, tokens in counts.items() if tokens < needed]
+    if not short:
+        return
+    cut = node.max_bytes is not None and len(train) + (0 if val_path else len(val)) >= node.max_bytes
+    if short == ["validation"] and val_path:
+        key = "val_path"
+    else:
+        key = "max_bytes" if cut else "train_path" if node.corpus == "text" else "corpus"
+    held = ", ".join(f"{counts[split]} in the {split} split" for split in short)
+    split_by = "" if val_path else f" (val_fraction={node.val_fraction})"
+    problems.require(False, f"{section}.{key}", node[key],
+                     f"text for at least one block of the model ({needed} tokens) in each split; it holds "
+                     f"{held}{split_by}")
 
 
 def check_training(cfg: DictConfig, problems: Problems) -> None:
-    problems.require(cfg.base.checkpoint is None or Path(cfg.base.checkpoint).is_file(), "base.checkpoint",
-                     cfg.base.checkpoint, "an existing base-*.safetensors file (or null to pretrain)")
+    for key in ("seed", "base.seed"):
+        seed = OmegaConf.select(cfg, key)
+        problems.require(SEEDS[0] <= seed <= SEEDS[1], key, seed, f"an integer in [{SEEDS[0]}, {SEEDS[1]}]")
     problems.positive_int(cfg.base.steps, "base.steps")
     problems.number(cfg.base.lr, "base.lr")
     problems.require(cfg.base.warmup_steps >= 0, "base.warmup_steps", cfg.base.warmup_steps, "an integer >= 0")
@@ -155,6 +252,78 @@ def check_training(cfg: DictConfig, problems: Problems) -> None:
     if cfg.logger.name == "wandb":
         problems.require(cfg.logger.mode in WANDB_MODES, "logger.mode", cfg.logger.mode, f"one of {list(WANDB_MODES)}")
     problems.number(cfg.merge_tolerance, "merge_tolerance")
+
+
+def check_trainer_numbers(trainer: DictConfig, problems: Problems) -> None:
+    """The Trainer numbers conf/trainer sets, in the ranges Lightning accepts with loralab's
+    own arguments (``check_val_every_n_epoch=None``: validation every so many steps)."""
+    for key in ("val_check_interval", "log_every_n_steps"):
+        if key in trainer:
+            problems.positive_int(trainer[key], f"trainer.{key}")
+    if trainer.get("limit_val_batches") is not None:
+        value = trainer.limit_val_batches
+        problems.require((isinstance(value, int) and value > 0) or (isinstance(value, float) and 0 < value <= 1),
+                         "trainer.limit_val_batches", value, "a number of batches > 0 or a fraction in (0, 1]")
+    if trainer.get("gradient_clip_val") is not None:
+        problems.number(trainer.gradient_clip_val, "trainer.gradient_clip_val", low_open=False)
+
+
+def check_hardware(trainer: DictConfig, problems: Problems) -> None:
+    """The accelerator is on this machine and runs the precision as configured."""
+    check_trainer_numbers(trainer, problems)
+    accelerator = str(trainer.get("accelerator", "auto"))
+    device = device_kind(accelerator)
+    if device is None:
+        problems.require(False, "trainer.accelerator", accelerator,
+                         f"an accelerator this machine has: one of {available_accelerators()}")
+        return
+    precision = trainer.get("precision", "32-true")
+    unified = problems.build("trainer.precision", lambda: unified_precision(precision))
+    if unified is not None:
+        why_not = precision_problem(unified, device)
+        problems.require(why_not is None, "trainer.precision", precision,
+                         f"a precision the {device} runs as configured; {why_not}")
+
+
+def available_accelerators() -> list[str]:
+    return ["auto", "cpu"] + [name for name in ("cuda", "gpu", "mps") if device_kind(name) is not None]
+
+
+def device_kind(accelerator: str) -> str | None:
+    """``cpu``, ``cuda`` or ``mps``: what ``accelerator`` runs on here; None when this machine has
+    no such device (Lightning's ``gpu`` is CUDA, else MPS; ``auto`` falls back to the CPU)."""
+    from pytorch_lightning.accelerators import CUDAAccelerator, MPSAccelerator
+
+    present = [kind for kind, acc in (("cuda", CUDAAccelerator), ("mps", MPSAccelerator)) if acc.is_available()]
+    if accelerator == "cpu":
+        return "cpu"
+    if accelerator == "auto":
+        return (present + ["cpu"])[0]
+    if accelerator == "gpu":
+        return present[0] if present else None
+    return accelerator if accelerator in present else None
+
+
+def unified_precision(precision) -> str:
+    """Lightning's own name for ``precision`` (16 -> 16-mixed, bf16 -> bf16-mixed); ValueError
+    naming the allowed values for anything Lightning does not accept."""
+    from lightning_fabric.connector import _convert_precision_to_unified_args
+
+    return _convert_precision_to_unified_args(precision)
+
+
+def precision_problem(precision: str, device: str) -> str | None:
+    """Why ``device`` would not run ``precision`` as configured, or None."""
+    if precision.startswith("transformer-engine") and (device != "cuda"
+                                                        or importlib.util.find_spec("transformer_engine") is None):
+        return "transformer-engine needs a CUDA GPU and the transformer_engine package"
+    if device == "cpu" and precision == "16-mixed":
+        return "AMP with float16 does not exist on the CPU: Lightning would run bf16-mixed instead"
+    if device == "cuda" and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bfloat16"
+    if device == "mps" and precision == "64-true":
+        return "MPS has no float64"
+    return None
 
 
 def gpt_config(model_cfg: DictConfig) -> GPTConfig:

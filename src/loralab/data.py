@@ -30,6 +30,9 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
+    def count(self, text: str) -> int:
+        return len(text.encode("utf-8"))
+
 
 class PretrainedTokenizer:
     """A Hugging Face ``tokenizers.Tokenizer`` read from disk (a GPT-2 checkpoint's own)."""
@@ -67,6 +70,15 @@ class PretrainedTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+
+def tokenizer_of(pretrained: str | None) -> ByteTokenizer | PretrainedTokenizer:
+    """The GPT-2 checkpoint directory's own tokenizer when it holds one, else bytes."""
+    saved = PretrainedTokenizer.from_directory(pretrained) if pretrained else None
+    return saved or ByteTokenizer()
+
 
 def python_stdlib_text(max_bytes: int | None = None) -> str:
     """The standard library's top-level modules in sorted order, reading no more than needed."""
@@ -87,11 +99,23 @@ def pydoc_topics_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+# a text file may hold a stray bad byte (replaced on reading); more than this share is not UTF-8 text
+MAX_UNDECODABLE = 0.01
+
+
 def read_text_file(path: str) -> str:
+    """The file's UTF-8 text; ValueError when it is binary (NUL bytes) or mostly not UTF-8."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"data file {str(file)!r} does not exist")
-    return file.read_text(encoding="utf-8", errors="replace")
+    raw = file.read_bytes()
+    if b"\0" in raw:
+        raise ValueError(f"{file} holds NUL bytes: a binary file, not text")
+    undecodable = len(raw) - len(raw.decode("utf-8", errors="ignore").encode("utf-8"))
+    if undecodable > MAX_UNDECODABLE * len(raw):
+        raise ValueError(f"{file} is not UTF-8 text: {undecodable / len(raw):.0%} of its bytes do not decode "
+                         "(convert it first, e.g. `iconv -t utf-8`)")
+    return raw.decode("utf-8", errors="replace")
 
 
 def corpus_splits(corpus: str, max_bytes: int | None = None, val_fraction: float = 0.1,

@@ -78,15 +78,14 @@ def greedy(model: GPT, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 
 def evaluate_sweep(sweep_dir: Path, overrides: list[str], prompt: str | None, max_new_tokens: int) -> list[dict]:
-    from loralab.data import TextDataModule
-    from loralab.run import tokenizer
+    from loralab.data import TextDataModule, tokenizer_of
 
     jobs = completed_jobs(sweep_dir)
     model, sha256 = shared_base(jobs)
     for i, (_, job_dir) in enumerate(jobs):
         load_adapter(model, job_dir / "adapter", name=f"job{i}", expected_base_sha256=sha256)
     cfg = OmegaConf.merge(OmegaConf.load(jobs[0][1] / ".hydra" / "config.yaml"), OmegaConf.from_dotlist(overrides))
-    tok = tokenizer(cfg)
+    tok = tokenizer_of(cfg.model.pretrained)
     data = TextDataModule(block_size=model.config.block_size, tokenizer=tok, seed=cfg.seed, **cfg.data)
     batches = list(data.val_dataloader())
     rows = []

@@ -18,7 +18,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from loralab.distributed import is_rank_zero
 from loralab.overrides import declared_sweep, param_keys, sweep_label
+from loralab.provenance import provenance
 
 
 @dataclass
@@ -100,14 +102,21 @@ def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str):
     if kind == "tensorboard":
         from pytorch_lightning.loggers import TensorBoardLogger
         return TensorBoardLogger(save_dir, name="tensorboard", version=job_type)
+    if kind == "wandb" and not is_rank_zero():
+        return None  # one W&B run per job: the other DDP ranks log nothing
     if kind == "wandb":
+        import wandb
         from pytorch_lightning.loggers import WandbLogger
-        config = {**flatten(OmegaConf.to_container(cfg, resolve=True)), "setting_id": identity.setting_id}
+        config = {**flatten(OmegaConf.to_container(cfg, resolve=True)), "setting_id": identity.setting_id,
+                  **flatten(provenance(cfg.trainer), "provenance.")}
         name = identity.name if job_type == "finetune" else f"{job_type}: {identity.name}"
-        logger = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=name, group=identity.group,
-                             job_type=job_type, save_dir=save_dir, mode=wandb_mode(cfg.logger.mode), config=config)
-        _ = logger.experiment  # start the W&B run now, so a failure from here on is recorded in it
-        return logger
+        # Started here, not by WandbLogger: it would pass anonymous=None, which W&B warns about on
+        # every run; quiet: no run history and summary on the console (loralab prints its own line).
+        # Starting now also records a failure from here on in the run.
+        run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=name, group=identity.group,
+                         job_type=job_type, dir=save_dir, mode=wandb_mode(cfg.logger.mode), config=config,
+                         settings=wandb.Settings(quiet=True))
+        return WandbLogger(experiment=run, save_dir=save_dir)
     return None
 
 

@@ -58,3 +58,22 @@ def swept_overrides(overrides: list[str], swept: list[str]) -> dict[str, str]:
 def sweep_label(overrides: list[str], swept: list[str]) -> str:
     """A run's name in its sweep: its values of the swept keys, e.g. ``lora.rank=4,seed=2``."""
     return ",".join(swept_overrides(overrides, swept).values())
+
+
+def declared_jobs(sweep_dir: str | Path) -> list[list[str]] | None:
+    """Each job's overrides, in job order, as the sweeper expands the multirun.yaml of
+    ``sweep_dir`` (its cartesian product, redundant full fine-tuning jobs dropped). None
+    without one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.loralab_sweeper import LoRASweeper
+
+    path = Path(sweep_dir) / MULTIRUN_YAML
+    if not path.is_file():
+        return None
+    hydra = OmegaConf.load(path).hydra
+    params = hydra.sweeper.get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()] + list(hydra.overrides.task)  # as the sweeper
+    batches = LoRASweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
+    return [job for batch in batches for job in batch]

@@ -24,11 +24,19 @@ from pathlib import Path
 
 import yaml
 from filelock import FileLock
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 
 from loralab import stats
 from loralab.files import write_atomic
-from loralab.overrides import declared_sweep, swept_overrides, varying_keys
+from loralab.overrides import (
+    MULTIRUN_YAML,
+    declared_jobs,
+    declared_sweep,
+    parse_overrides,
+    swept_overrides,
+    varying_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,7 @@ RANK_KEY = "lora.rank"
 SEED_KEY = "seed"
 HYDRA_OVERRIDES = ".hydra/overrides.yaml"  # Hydra writes it into the job directory before the job starts
 NO_SUMMARY = "no summary.json: still running, or killed before it could write one (see the job's log)"
+NOT_STARTED = "declared by the sweep (multirun.yaml), never started"
 ERROR_CHARS = 120  # of an error in the Markdown table; the CSV keeps all of it
 LOCK_TIMEOUT_S = 300  # jobs of a parallel launcher take turns; a report takes seconds
 
@@ -116,15 +125,22 @@ def write_report(sweep_dir: str | Path) -> Path:
 def check_sweep_dir(sweep_dir: Path) -> None:
     if not sweep_dir.is_dir():
         raise ReportError(f"{sweep_dir} is not a directory")
-    if not any(sweep_dir.glob("*/summary.json")):
+    if not any(sweep_dir.glob("*/summary.json")) and not (sweep_dir / MULTIRUN_YAML).is_file():
         raise ReportError(f"{sweep_dir} holds no run with a summary.json (expected {sweep_dir}/<job>/summary.json, "
                           "as a `python train.py -m ...` sweep directory does)")
 
 
 def load_runs(sweep_dir: Path) -> list[Run]:
-    """Every job directory, in job order; a job that left no summary.json is still a row."""
+    """Every job directory, in job order, and every job the sweep declared that has none; a job
+    that left no summary.json, or one that cannot be read, is still a row."""
     job_dirs = [d for d in sweep_dir.iterdir() if (d / "summary.json").is_file() or (d / HYDRA_OVERRIDES).is_file()]
     runs = [read_run(d) for d in sorted(job_dirs, key=job_order)]
+    started = {tuple(sorted(run.overrides)) for run in runs}
+    taken = {run.job for run in runs}
+    for number, overrides in enumerate(declared_jobs(sweep_dir) or []):
+        if tuple(sorted(overrides)) not in started and str(number) not in taken:
+            runs.append(Run(job=str(number), status="not started", error=NOT_STARTED, overrides=overrides))
+    runs.sort(key=lambda run: job_order(Path(run.job)))
     declared = declared_sweep(sweep_dir)
     swept = declared[0] if declared else varying_keys([run.overrides for run in runs])
     for run in runs:
@@ -137,15 +153,40 @@ def job_order(job_dir: Path) -> tuple:
 
 
 def read_run(job_dir: Path) -> Run:
+    """The job's row: from its summary.json; ``unfinished`` without one; ``unreadable`` (and why)
+    when it is not JSON or lacks what a row needs."""
     path = job_dir / "summary.json"
     if not path.is_file():
+        return Run(job=job_dir.name, status="unfinished", error=NO_SUMMARY, overrides=hydra_overrides(job_dir))
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict) or not isinstance(summary.get("status"), str):
+            raise ValueError("no status")
+        config = summary.get("config", {})
+        metrics = {name: value for name, value in summary.get("metrics", {}).items()
+                   if isinstance(value, (int, float))}  # what else a damaged file holds would stop the report
+        history = {name: [(int(step), float(value)) for step, value in curve]
+                   for name, curve in summary.get("history", {}).items()}
+        wall_time_s, error = summary.get("wall_time_s"), summary.get("error")
+        run = Run(job=job_dir.name, status=summary["status"], error=None if error is None else str(error),
+                  overrides=list(summary.get("overrides", [])), metrics=metrics, history=history,
+                  lora=dict(config.get("lora", {})), wall_time_s=None if wall_time_s is None else float(wall_time_s),
+                  seed=config.get("seed"))
+        parse_overrides(run.overrides)  # the row's label
+        return run
+    except (OSError, ValueError, TypeError, AttributeError, HydraException) as e:
+        return Run(job=job_dir.name, status="unreadable", error=f"unreadable: {path}: {type(e).__name__}: {e}",
+                   overrides=hydra_overrides(job_dir))
+
+
+def hydra_overrides(job_dir: Path) -> list[str]:
+    """The job's overrides as Hydra saved them before it started; [] when unreadable."""
+    try:
         overrides = yaml.safe_load((job_dir / HYDRA_OVERRIDES).read_text()) or []
-        return Run(job=job_dir.name, status="unfinished", error=NO_SUMMARY, overrides=overrides)
-    summary = json.loads(path.read_text())
-    return Run(job=job_dir.name, status=summary["status"], error=summary.get("error"),
-               overrides=summary.get("overrides", []), metrics=summary.get("metrics", {}),
-               history=summary.get("history", {}), lora=summary.get("config", {}).get("lora", {}),
-               wall_time_s=summary.get("wall_time_s"), seed=summary.get("config", {}).get("seed"))
+        parse_overrides(overrides)
+        return overrides
+    except (OSError, yaml.YAMLError, TypeError, HydraException):  # damaged: the row has no label, the report goes on
+        return []
 
 
 def table_row(run: Run) -> dict:

@@ -21,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
 from loralab.callbacks import History, MergeCheck, ParameterCount, StepProgressBar, Throughput
-from loralab.config import gpt_config, lora_config_of, validate
-from loralab.data import ByteTokenizer, PretrainedTokenizer, TextDataModule
+from loralab.config import ConfigError, gpt_config, lora_config_of, validate
+from loralab.console import silence_known_noise
+from loralab.data import TextDataModule, tokenizer_of
 from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, run_only_this_job
 from loralab.files import write_json
 from loralab.gpt2 import load_gpt2
@@ -30,12 +31,14 @@ from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identit
 from loralab.lora import inject_lora, save_adapter
 from loralab.model import GPT
 from loralab.module import LitGPT
+from loralab.provenance import provenance
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> float:
     """Fine-tune one run as ``cfg`` describes; return its best val/loss (+inf if it diverged)."""
+    silence_known_noise()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = run_identity(cfg)
@@ -47,9 +50,9 @@ def train(cfg: DictConfig) -> float:
         run_only_this_job(cfg.trainer)
         model, base = base_model(cfg, identity)
         summary["base"] = base.to_dict()
-        pl.seed_everything(cfg.seed, workers=True)
-        data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed, tokenizer=tokenizer(cfg),
-                              **cfg.data)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed,
+                              tokenizer=tokenizer_of(cfg.model.pretrained), **cfg.data)
         lora_config = lora_config_of(cfg.lora)
         if lora_config is not None:
             adapted = inject_lora(model, lora_config)
@@ -69,8 +72,10 @@ def train(cfg: DictConfig) -> float:
         if is_rank_zero():  # the other DDP ranks trained the same adapter; one of them records it
             summary["wall_time_s"] = time.time() - started
             summary["config"] = OmegaConf.to_container(cfg, resolve=False)
+            summary["provenance"] = provenance(cfg.trainer)
             write_json(run_dir / "summary.json", summary)
-            print_result(summary)
+            if not (summary["error"] or "").startswith(ConfigError.__name__):  # its lines alone say it (exits.py)
+                print_result(summary)
 
 
 def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT, BaseIdentity]:
@@ -88,7 +93,7 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT, BaseIdentit
     model_config = gpt_config(cfg.model)
 
     def pretrain() -> GPT:
-        pl.seed_everything(cfg.base.seed, workers=True)
+        pl.seed_everything(cfg.base.seed, workers=True, verbose=False)
         model = GPT(model_config)
         optim = {"lr": cfg.base.lr, "warmup_steps": cfg.base.warmup_steps}
         fit(cfg, model, data, identity, job_type="pretrain", optim=optim, max_steps=cfg.base.steps)
@@ -96,12 +101,6 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT, BaseIdentit
 
     # absolute, so that jobs on any launcher (whatever their working directory) share one cache
     return cached_base(model_config, cfg.base, data.fingerprint, to_absolute_path(cfg.paths.cache_dir), pretrain)
-
-
-def tokenizer(cfg: DictConfig) -> ByteTokenizer | PretrainedTokenizer:
-    """The GPT-2 checkpoint's own tokenizer when its directory holds one, else bytes."""
-    saved = PretrainedTokenizer.from_directory(cfg.model.pretrained) if cfg.model.pretrained else None
-    return saved or ByteTokenizer()
 
 
 def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity, job_type: str,
