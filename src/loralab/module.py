@@ -62,7 +62,8 @@ class LitGPT(pl.LightningModule):
         """Keep only what training changes: for LoRA the adapters, so checkpoints stay small
         (the frozen base is rebuilt from its cache or checkpoint on resume). Add the RNG
         states, which dropout draws from."""
-        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        trainable = {f"model.{name}" for name, p in self.model.named_parameters(remove_duplicate=False)
+                     if p.requires_grad}  # both names of a tied weight (lm_head = wte)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["rng_states"] = rng_states()
 
