@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> float:
     finished = finished_summary(run_dir) if cfg.resume else None
     if finished is not None:
         log.info("%s already %s: left as it is (resume=true)", run_dir, finished["status"])
+        print_result(finished)
         return finished["metrics"]["best/val_loss"]
     started = time.time()
     summary = {"status": "failed", "error": None, "name": identity.name, "overrides": identity.overrides,
