@@ -14,6 +14,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from hydra_plugins.loralab_sweeper import contiguous_batches
+from loralab.base import load_base
 from loralab.data import ResumableLoader
 from loralab.files import write_json
 from loralab.lora import LoRAConfig, analytic_lora_parameters, inject_lora
@@ -217,5 +218,7 @@ def test_a_killed_pretraining_goes_on_to_the_same_base(tmp_path, base_cache):
 
     run_train([*args, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'next'}"], cwd=tmp_path)
     assert "Resuming pretrain from" in (tmp_path / "next/train.log").read_text()
-    assert (cache / reference.name).read_bytes() == reference.read_bytes()  # 30 steps, as if never stopped
+    # 30 steps, as if never stopped: the same weights (safetensors orders a file's metadata at random,
+    # so its bytes differ between two processes that save the same weights)
+    assert load_base(cache / reference.name)[1] == load_base(reference)[1]
     assert not (cache / reference.with_suffix(".ckpt-dir").name).exists()

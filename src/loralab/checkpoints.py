@@ -59,9 +59,11 @@ class LastCheckpoint(ModelCheckpoint):
 
 def validation_follows(trainer) -> bool:
     """Whether the fit loop validates after the current batch: every ``val_check_batch``
-    batches in all (loralab's Trainer counts them across epochs: check_val_every_n_epoch=None)."""
+    batches in all (loralab's Trainer counts them across epochs: check_val_every_n_epoch=None).
+    A time-based ``val_check_interval`` cannot be foreseen (``val_check_batch`` is None)."""
+    every = trainer.val_check_batch
     batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1
-    return trainer.limit_val_batches > 0 and batches % trainer.val_check_batch == 0
+    return every is not None and trainer.limit_val_batches > 0 and batches % every == 0
 
 
 def last_checkpoint(directory: str | Path) -> str | None:
