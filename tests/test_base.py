@@ -16,7 +16,7 @@ BASE = OmegaConf.create({"checkpoint": None, "corpus": "python_stdlib", "steps":
 
 
 def slow_pretrain_job(cache_dir, calls_dir, job):
-    def pretrain():
+    def pretrain(checkpoint_dir):
         (calls_dir / f"pretrained-by-{job}").touch()
         time.sleep(1.0)  # long enough for the other job to arrive while this one works
         torch.manual_seed(0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,11 +104,14 @@ def cache_key(model_config: GPTConfig, base_cfg: DictConfig, corpus_fingerprint:
 
 def cached_base(model_config: GPTConfig, base_cfg: DictConfig, corpus_fingerprint: str, cache_dir: str | Path,
                 pretrain) -> tuple[GPT, BaseIdentity]:
-    """The cached base for these settings, pretrained with ``pretrain()`` on a miss or
-    when the cached file is damaged."""
+    """The cached base for these settings, pretrained with ``pretrain(checkpoint_dir)`` on a
+    miss or when the cached file is damaged. Pretraining checkpoints into
+    ``base-<key>.ckpt-dir`` beside the base file, so a killed pretraining goes on from
+    there (under the same lock); the directory goes once the base is saved."""
     cache_dir = Path(cache_dir).resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"base-{cache_key(model_config, base_cfg, corpus_fingerprint)}.safetensors"
+    checkpoint_dir = path.with_suffix(".ckpt-dir")
     with FileLock(str(path) + ".lock"):
         if path.exists():
             try:
@@ -118,7 +122,8 @@ def cached_base(model_config: GPTConfig, base_cfg: DictConfig, corpus_fingerprin
                 log.warning("%s; pretraining it again", e)
         else:
             log.info("No cached base model for these settings: pretraining one into %s", path)
-        save_base(pretrain(), path)
+        save_base(pretrain(checkpoint_dir), path)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
         model, sha256 = load_base(path)  # what every later job will load, bit for bit
     return model, BaseIdentity("cache", str(path), sha256)
 

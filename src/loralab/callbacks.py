@@ -130,10 +130,17 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class History(pl.Callback):
-    """The loss curves, [step, value] pairs, for summary.json and the sweep report."""
+    """The loss curves, [step, value] pairs, for summary.json and the sweep report.
+    Kept in checkpoints, so a resumed run's curves are the uninterrupted run's."""
 
     def __init__(self):
         self.history: dict[str, list] = {"train/loss": [], "val/loss": []}
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self.history)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = copy.deepcopy(state_dict)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if outputs:  # empty when the step was skipped (a non-finite loss)

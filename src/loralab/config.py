@@ -245,6 +245,7 @@ def check_training(cfg: DictConfig, problems: Problems) -> None:
                    else "a pytorch_lightning.Trainer argument")
         problems.lines.append(f"trainer.{key} is not allowed: {allowed}")
     problems.positive_int(cfg.trainer.get("max_steps"), "trainer.max_steps")
+    problems.positive_int(cfg.checkpoint.every_n_steps, "checkpoint.every_n_steps")
     problems.require(cfg.logger.name in LOGGERS, "logger.name", cfg.logger.name, f"one of {list(LOGGERS)}")
     if cfg.logger.name == "tensorboard":
         problems.require(importlib.util.find_spec("tensorboard") is not None, "logger", "tensorboard",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import sysconfig
+from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -162,6 +164,52 @@ class TokenWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+class ResumableLoader(DataLoader):
+    """The training loader: shuffled by a seeded generator, and able to continue mid-epoch.
+
+    Lightning keeps ``state_dict()`` in each checkpoint and hands it back through
+    ``load_state_dict()`` on resume. The state is where training stands, as the
+    trainer's fit loop counts it (``progress()``: epoch, batches taken in it, batches
+    per epoch), not what this loader has handed out, which runs one batch ahead of
+    training (Lightning prefetches). Resuming replays the earlier epochs through
+    ``DataLoader`` itself, so the generator, and with it every later batch, is the one
+    an uninterrupted run sees.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, progress: Callable[[], dict]):
+        super().__init__(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                         generator=torch.Generator().manual_seed(seed))
+        self.progress = progress
+        self.resume_at: dict | None = None
+
+    def state_dict(self) -> dict:
+        return self.progress()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_at = state
+
+    def __iter__(self):
+        if self.resume_at is None:
+            return super().__iter__()
+        at, self.resume_at = self.resume_at, None
+        epoch, taken, per_epoch = at["epoch"], at["batches"], at["per_epoch"]
+        if taken >= per_epoch:  # the checkpoint closed its epoch
+            epoch, taken = epoch + 1, 0
+        for _ in range(epoch):
+            self.replay_epoch(per_epoch)
+        return islice(super().__iter__(), taken, None)
+
+    def replay_epoch(self, per_epoch: int) -> None:
+        """Draw an epoch from the generator as training did: ``per_epoch`` batches, to the
+        end of the loader when training took them all (``trainer.limit_train_batches``)."""
+        batches = super().__iter__()
+        for _ in islice(batches, per_epoch):
+            pass
+        if per_epoch >= len(self):
+            for _ in batches:
+                pass
+
+
 class TextDataModule(pl.LightningDataModule):
     """Train and validation windows of one corpus; shuffling is seeded, validation fixed."""
 
@@ -179,9 +227,14 @@ class TextDataModule(pl.LightningDataModule):
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(self.seed))
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(self.train_set, self.batch_size, self.seed, self.training_progress)
+
+    def training_progress(self) -> dict:
+        """Where training stands in the data, for a checkpoint: taken at the end of a batch."""
+        trainer = self.trainer
+        return {"epoch": trainer.current_epoch, "batches": trainer.fit_loop.epoch_loop.batch_idx + 1,
+                "per_epoch": trainer.num_training_batches}
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)

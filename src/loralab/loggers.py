@@ -11,6 +11,7 @@ import hashlib
 import json
 import netrc
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.distributed import is_rank_zero
-from loralab.overrides import declared_sweep, param_keys, sweep_label
+from loralab.files import write_atomic
+from loralab.overrides import declared_sweep, param_keys, sweep_label, without_resume
 from loralab.provenance import provenance
 
 
@@ -31,8 +33,10 @@ class RunIdentity:
     setting_id: str  # equal for runs that differ only in seed (see setting_id)
 
 
+WANDB_RUN_ID = "wandb-run-id"  # in the run's checkpoint directory
+
 # what does not change what a run computes: left out of its setting id
-NOT_A_SETTING = ("seed", "paths", "logger")
+NOT_A_SETTING = ("seed", "paths", "logger", "checkpoint", "resume")
 
 
 def setting_id(cfg: DictConfig) -> str:
@@ -48,7 +52,7 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
     if not HydraConfig.initialized():  # composed without @hydra.main (e.g. the compose API)
         return RunIdentity(name=Path(cfg.paths.output_dir).name, group=None, overrides=[], setting_id=setting)
     hydra = HydraConfig.get()
-    overrides = list(hydra.overrides.task)
+    overrides = without_resume(hydra.overrides.task)  # how a run was started is not what it is
     if hydra.mode != RunMode.MULTIRUN:
         return RunIdentity(name=hydra.job.override_dirname or "default", group=None, overrides=overrides,
                            setting_id=setting)
@@ -93,8 +97,9 @@ def _netrc_has_wandb() -> bool:
         return False
 
 
-def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str):
-    """The Lightning logger ``cfg.logger`` names, or None."""
+def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str, checkpoint_dir: Path):
+    """The Lightning logger ``cfg.logger`` names, or None. A W&B run keeps its id beside the
+    run's checkpoints, so a resumed run goes on logging into the same W&B run."""
     kind, save_dir = cfg.logger.name, cfg.paths.output_dir
     if kind == "csv":
         from pytorch_lightning.loggers import CSVLogger
@@ -112,12 +117,24 @@ def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str):
         name = identity.name if job_type == "finetune" else f"{job_type}: {identity.name}"
         # Started here, not by WandbLogger: it would pass anonymous=None, which W&B warns about on
         # every run; quiet: no run history and summary on the console (loralab prints its own line).
-        # Starting now also records a failure from here on in the run.
+        # Starting now also records a failure from here on in the run. The run id is kept beside
+        # the checkpoints, so a resumed run continues the same W&B run.
         run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=name, group=identity.group,
                          job_type=job_type, dir=save_dir, mode=wandb_mode(cfg.logger.mode), config=config,
+                         id=wandb_run_id(Path(checkpoint_dir) / WANDB_RUN_ID), resume="allow",
                          settings=wandb.Settings(quiet=True))
         return WandbLogger(experiment=run, save_dir=save_dir)
     return None
+
+
+def wandb_run_id(path: Path) -> str:
+    """The W&B run id kept in ``path``; a new one, kept there, for a run that has none."""
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:8]  # W&B's own ids are 8 characters of [a-z0-9]
+    write_atomic(path, run_id.encode())
+    return run_id
 
 
 def finish_logger(logger, failed: bool) -> None:

@@ -58,8 +58,37 @@ class LitGPT(pl.LightningModule):
         self.log_dict({"val/loss": self.val_loss, "val/ppl": self.val_ppl, "val/acc": self.val_acc},
                       prog_bar=True)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only what training changes: for LoRA the adapters, so checkpoints stay small
+        (the frozen base is rebuilt from its cache or checkpoint on resume). Add the RNG
+        states, which dropout draws from."""
+        trainable = {f"model.{name}" for name, p in self.model.named_parameters(remove_duplicate=False)
+                     if p.requires_grad}  # both names of a tied weight (lm_head = wte)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """The frozen weights come from the model as it was built (the same base)."""
+        checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
+        set_rng_states(checkpoint["rng_states"])
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def rng_states() -> dict:
+    """The generators a training step draws from (dropout): torch's CPU one and the GPUs'.
+    (The data order has its own generator, see ``loralab.data.ResumableLoader``.)"""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -20,6 +20,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str, str]]:
     return [(o.key_or_group, str(o.value()), o.input_line) for o in OverridesParser.create().parse_overrides(overrides)]
 
 
+def without_resume(overrides) -> list[str]:
+    """The overrides that say what a run computes: ``resume=...`` only says how it is started."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "resume"]
+
+
 def declared_sweep(sweep_dir: str | Path) -> tuple[list[str], list[str]] | None:
     """(the keys a sweep varies, its command-line task overrides), from the multirun.yaml of
     ``sweep_dir``: the keys of ``-m lora.rank=4,8`` and of an experiment's

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
 from loralab.callbacks import History, MergeCheck, ParameterCount, StepProgressBar, Throughput
+from loralab.checkpoints import AtomicCheckpointIO, LastCheckpoint, finished_summary, last_checkpoint
 from loralab.config import ConfigError, gpt_config, lora_config_of, validate
 from loralab.console import silence_known_noise
 from loralab.data import TextDataModule, tokenizer_of
@@ -42,6 +43,11 @@ def train(cfg: DictConfig) -> float:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = run_identity(cfg)
+    finished = finished_summary(run_dir) if cfg.resume else None
+    if finished is not None:
+        log.info("%s already %s: left as it is (resume=true)", run_dir, finished["status"])
+        print_result(finished)
+        return finished["metrics"]["best/val_loss"]
     started = time.time()
     summary = {"status": "failed", "error": None, "name": identity.name, "overrides": identity.overrides,
                "setting_id": identity.setting_id}
@@ -57,7 +63,8 @@ def train(cfg: DictConfig) -> float:
         if lora_config is not None:
             adapted = inject_lora(model, lora_config)
             log.info("LoRA r=%d on %d modules: %s", lora_config.rank, len(adapted), ", ".join(adapted))
-        result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim)
+        result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim,
+                     checkpoint_dir=run_dir / "checkpoints", resume=cfg.resume)
         summary.update(result)
         if summary["status"] == "completed" and lora_config is not None and is_rank_zero():
             save_adapter(model, lora_config, run_dir / "adapter", base=base.to_dict())
@@ -92,11 +99,12 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT, BaseIdentit
                           batch_size=cfg.base.batch_size)
     model_config = gpt_config(cfg.model)
 
-    def pretrain() -> GPT:
+    def pretrain(checkpoint_dir: Path) -> GPT:
         pl.seed_everything(cfg.base.seed, workers=True, verbose=False)
         model = GPT(model_config)
         optim = {"lr": cfg.base.lr, "warmup_steps": cfg.base.warmup_steps}
-        fit(cfg, model, data, identity, job_type="pretrain", optim=optim, max_steps=cfg.base.steps)
+        fit(cfg, model, data, identity, job_type="pretrain", optim=optim, max_steps=cfg.base.steps,
+            checkpoint_dir=checkpoint_dir, resume=True)  # a killed pretraining always goes on: same settings
         return model
 
     # absolute, so that jobs on any launcher (whatever their working directory) share one cache
@@ -104,28 +112,32 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT, BaseIdentit
 
 
 def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity, job_type: str,
-        optim, max_steps: int | None = None) -> dict:
-    """Train ``model``'s trainable parameters; validate before and after. Returns the
-    run's status, metrics and loss history, which also go to the logger's summary."""
+        optim, checkpoint_dir: Path, resume: bool, max_steps: int | None = None) -> dict:
+    """Train ``model``'s trainable parameters; validate before and after. Checkpoints go to
+    ``checkpoint_dir``; with ``resume`` training continues from the last one there. Returns
+    the run's status, metrics and loss history, which also go to the logger's summary."""
     max_steps = max_steps or cfg.trainer.max_steps
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
     replicas = ReplicaCheck()
-    callbacks = [count, throughput, replicas, merge_check, history]
+    checkpoints = LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps)
+    callbacks = [count, throughput, replicas, merge_check, history, checkpoints]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(job_type))
+    resume_from = last_checkpoint(checkpoint_dir) if resume else None
     module = LitGPT(model, max_steps=max_steps, **optim)
-    logger = make_logger(cfg, identity, job_type)
+    logger = make_logger(cfg, identity, job_type, checkpoint_dir)
     trainer_args = {**cfg.trainer, "max_steps": max_steps}
     if job_type == "pretrain":  # in one process, before DDP starts the other ranks (they wait on its cache)
         trainer_args.update(strategy="auto", devices=1, num_nodes=1)
     status = "failed"
     try:
         trainer = pl.Trainer(**trainer_args, logger=logger or False, callbacks=callbacks,
-                             check_val_every_n_epoch=None, num_sanity_val_steps=0, inference_mode=False,
-                             enable_checkpointing=False, enable_model_summary=False,
-                             default_root_dir=cfg.paths.output_dir)
-        base = evaluate(trainer, module, data)
-        trainer.fit(module, data)
+                             plugins=[AtomicCheckpointIO()], check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                             inference_mode=False, enable_model_summary=False, default_root_dir=cfg.paths.output_dir)
+        base = evaluate(trainer, module, data)  # on resume too: the model is still the untrained one
+        if resume_from:
+            log.info("Resuming %s from %s", job_type, resume_from)
+        trainer.fit(module, data, ckpt_path=resume_from)
         final = evaluate(trainer, module, data)
         status = "diverged" if module.diverged or not math.isfinite(final["val/loss"]) else "completed"
         tuned = [v for _, v in history.history["val/loss"][1:]]  # the first entry is the base

@@ -95,6 +95,11 @@ class PathsConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_n_steps: int = 50  # a Lightning checkpoint (<run_dir>/checkpoints/last.ckpt) this often; resume=true uses it
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRASection = field(default_factory=LoRASection)
@@ -104,6 +109,8 @@ class TrainConfig:
     trainer: Dict[str, Any] = field(default_factory=dict)  # pytorch_lightning.Trainer arguments
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: bool = False  # continue this run (or sweep) from its checkpoints; completed jobs are left untouched
     seed: int = 1337  # LoRA's initialisation and the data order
     merge_tolerance: float = 1e-5  # lora/merge_ok: merged vs unmerged logits within this × the largest logit
 

@@ -11,15 +11,19 @@
   config before launching; this sweeper also runs loralab's semantic checks
   (``loralab.config.validate``) on each, so a bad value in the fifth job stops the
   sweep before the first job pretrains or trains.
+- **No result overwritten.** A sweep directory that holds jobs is refused, or with
+  ``resume=true`` continued: finished jobs are skipped, the others launched under their
+  own job numbers (``loralab.resume``).
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 # group option -> the key prefix it makes irrelevant
 SWITCHED_OFF = {"lora=full": "lora."}
@@ -52,6 +56,37 @@ def without_redundant_jobs(jobs: List[List[str]]) -> List[List[str]]:
 
 
 class LoRASweeper(BasicSweeper):
+    def sweep(self, arguments: List[str]) -> Any:
+        """BasicSweeper.sweep, minus the jobs a sweep directory already holds: refuse the
+        directory, or with ``resume=true`` launch only the unfinished jobs, each contiguous
+        run of them with its first job number (``initial_job_idx``), so every job keeps its
+        number and directory. All jobs to run are checked before the first starts."""
+        from loralab.resume import jobs_to_run
+
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides(self._parse_config() + list(arguments))
+        jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        resume = bool(self.config.get("resume", False))
+        todo = jobs_to_run(sweep_dir, jobs, [self.job_dir(job, i) for i, job in enumerate(jobs)], resume)
+        self.validate_batch_is_legal([jobs[i] for i in todo])
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns = []
+        for first, batch in contiguous_batches(todo, self.max_batch_size):
+            results = self.launcher.launch([jobs[i] for i in batch], initial_job_idx=first)
+            for r in results:
+                _ = r.return_value  # raises a failed job's error, as BasicSweeper does
+            returns.append(results)
+        return returns
+
+    def job_dir(self, overrides: List[str], number: int) -> Path:
+        """Where the launcher runs job ``number``: hydra.sweep.dir / hydra.sweep.subdir."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg):
+            cfg.hydra.job.id = cfg.hydra.job.num = number
+        return Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
+
     @staticmethod
     def split_arguments(overrides, max_batch_size: Optional[int]) -> List[List[List[str]]]:
         jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
@@ -78,3 +113,15 @@ class LoRASweeper(BasicSweeper):
                 problems += [f"job [{label}]: {line}" for line in str(e).splitlines()]
         if problems:
             raise ConfigError("\n".join(problems))
+
+
+def contiguous_batches(numbers: List[int], max_batch_size: Optional[int]) -> List[tuple]:
+    """(first number, numbers) for each run of consecutive job numbers, at most
+    ``max_batch_size`` long: [0, 2, 3, 4] -> (0, [0]), (2, [2, 3, 4])."""
+    batches: List[tuple] = []
+    for number in numbers:
+        if batches and number == batches[-1][1][-1] + 1 and len(batches[-1][1]) < (max_batch_size or len(numbers)):
+            batches[-1][1].append(number)
+        else:
+            batches.append((number, [number]))
+    return batches

@@ -1,0 +1,82 @@
+"""Checkpoints a killed run continues from: Lightning's own ``.ckpt`` files, written atomically.
+
+Each run (and each pretraining of a base) keeps ``last.ckpt`` in its checkpoint
+directory, refreshed every ``checkpoint.every_n_steps`` optimizer steps by Lightning's
+``ModelCheckpoint``. It holds what training needs to go on exactly as if it had never
+stopped: the trainable weights (``LitGPT`` leaves the frozen base out), the optimizer
+and scheduler state, the RNG states, the fit loop's progress and the data position
+(``loralab.data.ResumableLoader``), and the loss history.
+
+Lightning writes through fsspec, whose local "transaction" writes a temporary file in
+the system's temp directory and then *moves* it: across file systems that is a copy,
+so a kill can leave half a checkpoint. ``AtomicCheckpointIO`` writes beside the target
+and renames, which is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lightning_fabric.plugins import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from loralab.files import atomic_path
+
+LAST = "last.ckpt"
+FINISHED = ("completed", "diverged")  # a run with one of these results is never run again by resume=true
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary name in the checkpoint's own directory, then ``os.replace``."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Only ``last.ckpt``, replaced every ``every_n_steps`` steps: a run needs one place to
+    resume from. At a step that validation follows, the checkpoint waits for the end of
+    that validation (ModelCheckpoint's own deferral): Lightning, resuming from a checkpoint
+    taken before a due validation, skips it, and the resumed run's val/loss curve (and its
+    best/val_loss) would lack that point."""
+
+    def __init__(self, directory: str | Path, every_n_steps: int):
+        super().__init__(dirpath=directory, filename="last", save_top_k=0, save_last=True,
+                         every_n_train_steps=every_n_steps, enable_version_counter=False)
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every_n_steps == 0 and validation_follows(trainer):
+            self._defer_save_until_validation = True
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def validation_follows(trainer) -> bool:
+    """Whether the fit loop validates after the current batch: every ``val_check_batch``
+    batches in all (loralab's Trainer counts them across epochs: check_val_every_n_epoch=None).
+    A time-based ``val_check_interval`` cannot be foreseen (``val_check_batch`` is None)."""
+    every = trainer.val_check_batch
+    batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1
+    return every is not None and trainer.limit_val_batches > 0 and batches % every == 0
+
+
+def last_checkpoint(directory: str | Path) -> str | None:
+    """The checkpoint to resume from in ``directory``, or None when training never reached one."""
+    path = Path(directory) / LAST
+    return str(path) if path.is_file() else None
+
+
+def finished_summary(run_dir: str | Path) -> dict | None:
+    """The run's summary.json when it holds a finished result, else None (never started,
+    killed, or failed: those ``resume=true`` runs again, from their last checkpoint)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") in FINISHED else None

@@ -1,0 +1,224 @@
+"""Checkpoints and resume: a killed run or sweep goes on as if never stopped, and no
+finished result is ever overwritten."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from hydra_plugins.loralab_sweeper import contiguous_batches
+from loralab.base import load_base
+from loralab.data import ResumableLoader
+from loralab.files import write_json
+from loralab.lora import LoRAConfig, analytic_lora_parameters, inject_lora
+from loralab.model import GPT, GPTConfig
+from loralab.module import LitGPT
+from loralab.resume import SweepDirError, jobs_to_run
+
+from conftest import ROOT, TINY, read_summary, run_train
+
+# metrics that measure the machine, not the run: they differ between any two runs
+TIMINGS = ("perf/step_s", "perf/tokens_per_s", "perf/peak_mem_mb")
+
+
+class Windows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 23
+
+    def __getitem__(self, i):
+        return torch.tensor([i])
+
+
+def test_resumed_loader_continues_the_uninterrupted_order():
+    """Reference: a plain seeded shuffling DataLoader, epoch after epoch (23 items, batches
+    of 4, the last 3 dropped: 5 batches an epoch)."""
+    reference = DataLoader(Windows(), batch_size=4, shuffle=True, drop_last=True,
+                           generator=torch.Generator().manual_seed(7))
+    epochs = [[b.flatten().tolist() for b in reference] for _ in range(3)]
+    for epoch, taken in [(0, 0), (0, 3), (1, 2), (0, 5), (2, 4)]:
+        loader = ResumableLoader(Windows(), batch_size=4, seed=7, progress=dict)
+        loader.load_state_dict({"epoch": epoch, "batches": taken, "per_epoch": 5})
+        if taken == 5:  # a checkpoint at the end of an epoch continues with the next one
+            epoch, taken = epoch + 1, 0
+        assert [b.flatten().tolist() for b in loader] == epochs[epoch][taken:]
+        if epoch + 1 < 3:
+            assert [b.flatten().tolist() for b in loader] == epochs[epoch + 1]
+
+
+CONFIG = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16)
+
+
+def test_a_lora_checkpoint_holds_only_the_adapters():
+    model = GPT(CONFIG)
+    inject_lora(model, LoRAConfig(rank=2))
+    lit = LitGPT(model, lr=1e-2)
+    checkpoint = {"state_dict": lit.state_dict()}
+    lit.on_save_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == {f"model.{n}" for n, _ in model.named_parameters() if "lora_" in n}
+    assert sum(v.numel() for v in checkpoint["state_dict"].values()) == analytic_lora_parameters(model)
+
+
+def test_a_full_finetuning_checkpoint_restores_the_tied_head():
+    """lm_head shares wte's tensor: it must come back trained, and still shared."""
+    torch.manual_seed(0)
+    trained = LitGPT(GPT(CONFIG), lr=1e-2)
+    with torch.no_grad():
+        trained.model.transformer.wte.weight.add_(1.0)
+    checkpoint = {"state_dict": trained.state_dict()}
+    trained.on_save_checkpoint(checkpoint)
+    torch.manual_seed(0)
+    fresh = LitGPT(GPT(CONFIG), lr=1e-2)
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert fresh.model.lm_head.weight is fresh.model.transformer.wte.weight
+    assert torch.equal(fresh.model.lm_head.weight, trained.model.lm_head.weight)
+    trained_weights = trained.model.state_dict()
+    assert all(torch.equal(v, trained_weights[k]) for k, v in fresh.model.state_dict().items())
+
+
+def test_contiguous_batches_keep_each_jobs_number():
+    assert contiguous_batches([1, 2, 4, 5, 6], None) == [(1, [1, 2]), (4, [4, 5, 6])]
+    assert contiguous_batches([0, 1, 2], 2) == [(0, [0, 1]), (2, [2])]
+
+
+def fake_job(job_dir: Path, overrides: list[str], status: str | None) -> None:
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra/overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if status:
+        write_json(job_dir / "summary.json", {"status": status, "overrides": overrides})
+
+
+JOBS = [["lora.rank=2"], ["lora.rank=4"], ["lora.rank=8"], ["lora.rank=16"]]
+
+
+def job_dirs(sweep: Path) -> list[Path]:
+    return [sweep / str(i) for i in range(len(JOBS))]
+
+
+def test_resume_skips_finished_jobs_and_runs_the_rest(tmp_path):
+    fake_job(tmp_path / "0", ["lora.rank=2"], "completed")
+    fake_job(tmp_path / "1", ["lora.rank=4", "resume=true"], "failed")  # an earlier resume that failed
+    fake_job(tmp_path / "2", ["lora.rank=8"], None)  # killed: no summary
+    # job 3 never started
+    assert jobs_to_run(tmp_path, JOBS, job_dirs(tmp_path), resume=True) == [1, 2, 3]
+    fake_job(tmp_path / "3", ["lora.rank=16"], "diverged")
+    assert jobs_to_run(tmp_path, JOBS, job_dirs(tmp_path), resume=True) == [1, 2]
+    assert jobs_to_run(tmp_path / "new", JOBS, job_dirs(tmp_path / "new"), resume=False) == [0, 1, 2, 3]
+
+
+def test_a_used_sweep_dir_is_refused_without_resume(tmp_path):
+    fake_job(tmp_path / "2", ["lora.rank=8"], None)
+    with pytest.raises(SweepDirError, match=f"^{tmp_path} already holds the results of 1 job.*resume=true"):
+        jobs_to_run(tmp_path, JOBS, job_dirs(tmp_path), resume=False)
+
+
+def test_a_job_dir_is_never_reused_for_another_job(tmp_path):
+    fake_job(tmp_path / "0", ["lora.rank=2"], "completed")
+    jobs = [["lora.rank=4"], ["lora.rank=8"]]  # the issue's rerun of the "missing" values
+    with pytest.raises(SweepDirError) as e:
+        jobs_to_run(tmp_path, jobs, job_dirs(tmp_path)[:2], resume=True)
+    assert str(e.value) == (f"{tmp_path / '0'} holds a different job: it ran with ['lora.rank=2'], job 0 of this "
+                            "sweep is ['lora.rank=4']; it is never reused for another job")
+    fake_job(tmp_path / "7", ["lora.rank=32"], "completed")
+    with pytest.raises(SweepDirError, match=r"7 holds a job this sweep does not declare \(\['lora.rank=32'\]\)"):
+        jobs_to_run(tmp_path, JOBS, job_dirs(tmp_path), resume=True)
+
+
+def start_train(args: list[str], cwd: Path) -> subprocess.Popen:
+    """``python train.py ARGS`` in its own process group, as a scheduler starts a job."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_at_first_checkpoint(process: subprocess.Popen, checkpoint: Path) -> int:
+    """SIGKILL the job (its whole process group: train.py and W&B's service) as soon as
+    ``checkpoint`` appears; the step the checkpoint holds."""
+    deadline = time.time() + 300
+    while not checkpoint.is_file():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return torch.load(checkpoint, weights_only=False)["global_step"]
+
+
+def tree_bytes(directory: Path) -> dict[str, bytes]:
+    """Every file's bytes; a symbolic link (W&B links its service's log) as where it points."""
+    return {str(p.relative_to(directory)): (f"-> {os.readlink(p)}".encode() if p.is_symlink() else p.read_bytes())
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# checkpoints every 6 steps, where validation also runs (the case Lightning would skip on
+# resume), and LoRA dropout, so that the RNG state matters
+RESUMABLE = [*TINY, "checkpoint.every_n_steps=6", "lora.dropout=0.1"]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumed_equals_an_uninterrupted_one(tmp_path, base_cache):
+    args = [*RESUMABLE, f"paths.cache_dir={base_cache}"]
+    run_train([*args, "logger=none", f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path)  # W&B changes no number
+    killed = tmp_path / "killed"
+    step = kill_at_first_checkpoint(start_train([*args, f"hydra.run.dir={killed}"], tmp_path),
+                                    killed / "checkpoints/last.ckpt")
+    assert step == 6 and not (killed / "summary.json").exists()
+    run_train([*args, f"hydra.run.dir={killed}", "resume=true"], cwd=tmp_path)
+
+    whole, resumed = read_summary(tmp_path / "whole"), read_summary(killed)
+    assert resumed["status"] == "completed" and resumed["steps"] == whole["steps"] == 12
+    assert {k: v for k, v in resumed["metrics"].items() if k not in TIMINGS} == \
+           {k: v for k, v in whole["metrics"].items() if k not in TIMINGS}
+    assert resumed["history"] == whole["history"]  # the val/loss at step 6 included
+    adapter = "adapter/adapter.safetensors"
+    assert (killed / adapter).read_bytes() == (tmp_path / "whole" / adapter).read_bytes()
+    run_id = (killed / "checkpoints/wandb-run-id").read_text()
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (killed / "wandb").glob("offline-run-*")) == [run_id, run_id]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_is_refused_then_resumed_without_touching_finished_jobs(tmp_path, base_cache):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "lora.rank=2,4,8", *TINY, "checkpoint.every_n_steps=4", f"paths.cache_dir={base_cache}",
+            f"hydra.sweep.dir={sweep}"]
+    kill_at_first_checkpoint(start_train(args, tmp_path), sweep / "1/checkpoints/last.ckpt")
+    assert read_summary(sweep / "0")["status"] == "completed" and not (sweep / "1/summary.json").exists()
+    before = tree_bytes(sweep)
+
+    refused = run_train(args, cwd=tmp_path, check=False)
+    assert refused.returncode != 0
+    assert f"{sweep} already holds the results of 2 job(s): rerun with resume=true" in refused.stderr
+    assert tree_bytes(sweep) == before
+
+    run_train([*args, "resume=true"], cwd=tmp_path)
+    assert tree_bytes(sweep / "0") == {k[2:]: v for k, v in before.items() if k.startswith("0/")}
+    assert [read_summary(sweep / str(i))["status"] for i in range(3)] == ["completed"] * 3
+    assert [read_summary(sweep / str(i))["overrides"][0] for i in range(3)] == [f"lora.rank={r}" for r in (2, 4, 8)]
+    assert "Resuming finetune from" in (sweep / "1/train.log").read_text()
+    assert not (sweep / "3").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_pretraining_goes_on_to_the_same_base(tmp_path, base_cache):
+    args = [*TINY, "logger=none", "trainer.max_steps=1", "checkpoint.every_n_steps=10"]
+    if not list(base_cache.glob("base-*.safetensors")):
+        run_train([*args, f"paths.cache_dir={base_cache}", f"hydra.run.dir={tmp_path / 'reference'}"], cwd=tmp_path)
+    (reference,) = base_cache.glob("base-*.safetensors")
+    cache = tmp_path / "cache"
+    process = start_train([*args, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'killed'}"], tmp_path)
+    assert kill_at_first_checkpoint(process, cache / reference.with_suffix(".ckpt-dir").name / "last.ckpt") == 10
+    assert not (cache / reference.name).exists()
+
+    run_train([*args, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'next'}"], cwd=tmp_path)
+    assert "Resuming pretrain from" in (tmp_path / "next/train.log").read_text()
+    # 30 steps, as if never stopped: the same weights (safetensors orders a file's metadata at random,
+    # so its bytes differ between two processes that save the same weights)
+    assert load_base(cache / reference.name)[1] == load_base(reference)[1]
+    assert not (cache / reference.with_suffix(".ckpt-dir").name).exists()
