@@ -1,14 +1,30 @@
 """QLoRA from scratch (quant.py): NF4 and int8 against independent references."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from loralab.lora import LoRAConfig, count_parameters, inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from loralab.lora import (
+    LoRAConfig,
+    adapter_names,
+    add_adapter,
+    add_weighted_adapter,
+    count_parameters,
+    delete_adapter,
+    disable_adapter,
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+    set_adapter,
+)
 from loralab.model import GPT, GPTConfig
 from loralab.quant import (
     NF4_LEVELS,
@@ -22,6 +38,9 @@ from loralab.quant import (
     quantized_layers,
     unpack_nibbles,
 )
+from test_adapters import CONFIGS, SCALES, both, logits
+from test_lora import TINY as LORA_TINY
+from test_lora import randomize_lora_B, tiny_gpt
 
 # bitsandbytes' NF4 table as published (bitsandbytes/functional.py create_normal_map,
 # bitsandbytes/backends/utils.py _NF4_QUANT_TABLE), written out here independently of quant.py.
@@ -249,15 +268,17 @@ def test_quantized_model_survives_a_copy_and_keeps_no_float_weights():
         "transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"}
 
 
-@pytest.mark.parametrize("value,error", [
-    ("fp4", "LoRA quantize='fp4' is invalid: expected one of ['none', 'int8', 'nf4']"), ("nf4", None)])
-def test_config_key_lora_quantize_is_validated(tmp_path, value, error):
+@pytest.mark.parametrize("overrides,error", [
+    (["lora.quantize=fp4"], "LoRA quantize='fp4' is invalid: expected one of ['none', 'int8', 'nf4']"),
+    (["lora.quantize=nf4"], None),
+    (["lora=full", "lora.quantize=int8"], "lora.quantize='int8' is invalid: expected 'none' with lora.enabled=false")])
+def test_config_key_lora_quantize_is_validated(tmp_path, overrides, error):
     from loralab.config import ConfigError, validate
 
     from conftest import TINY as TINY_OVERRIDES
     from conftest import compose
 
-    cfg = compose([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}", f"lora.quantize={value}"])
+    cfg = compose([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}", *overrides])
     if error is None:
         validate(cfg)  # injects into the model's shape on the meta device, quantization included
         return
@@ -281,3 +302,85 @@ def test_qlora_run_end_to_end(tmp_path, base_cache):
     assert summary["status"] == "completed" and metrics["gain/val_loss"] > 0
     assert metrics["lora/merge_ok"]  # merged into the dequantized base, on a copy
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora"]["quantize"] == "nf4"
+
+    from loralab.export import load_finetuned
+    from loralab.export import main as export
+    from loralab.gpt2 import load_gpt2
+
+    with pytest.raises(SystemExit, match="nf4-quantized .* --merged"):
+        export([str(tmp_path), "--peft", str(tmp_path / "peft")])
+    export([str(tmp_path), "--merged", str(tmp_path / "merged")])  # dequantizes the base
+    qlora, merged = load_finetuned(tmp_path)[0].eval(), load_gpt2(tmp_path / "merged").eval()
+    assert quantized_layers(qlora) and not quantized_layers(merged)
+    x = text_tokens(64).view(2, 32)
+    torch.testing.assert_close(merged(x)[0], qlora(x)[0], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# Many adapters on one quantized base (test_adapters' "a" and "b", trained on the NF4 base)
+
+
+@pytest.fixture
+def saved_nf4(tmp_path):
+    """Adapters "a" and "b", each trained (B made non-zero) alone on the NF4-quantized base and saved."""
+    directories = {}
+    for seed, (name, config) in enumerate(CONFIGS.items(), start=1):
+        config = dataclasses.replace(config, quantize="nf4")
+        model = tiny_gpt()
+        inject_lora(model, config)
+        randomize_lora_B(model, seed=seed)
+        directories[name] = save_adapter(model, config, tmp_path / name)
+    return directories
+
+
+def nf4_base():
+    model = tiny_gpt().eval()
+    quantize_linears(model, "nf4")
+    return model
+
+
+def test_adapters_on_a_quantized_base_switch_and_disable_exactly(saved_nf4):
+    model = both(saved_nf4)
+    assert len(quantized_layers(model)) == 6 * LORA_TINY.n_layer  # quantized once, by the first adapter
+    for name, directory in saved_nf4.items():
+        set_adapter(model, name)
+        alone = tiny_gpt().eval()
+        load_adapter(alone, directory)
+        assert torch.equal(logits(model), logits(alone))
+    with disable_adapter(model):
+        assert torch.equal(logits(model), logits(nf4_base()))
+
+
+def test_weighted_sum_on_a_quantized_base_is_the_quantized_base_plus_the_weighted_updates(saved_nf4):
+    weights = {"a": 0.7, "b": -1.3}
+    model = both(saved_nf4)
+    add_weighted_adapter(model, list(weights), list(weights.values()), "mix")
+    set_adapter(model, "mix")
+    files = {name: load_file(directory / "adapter.safetensors") for name, directory in saved_nf4.items()}
+    x = torch.randn(3, LORA_TINY.n_embd, generator=torch.Generator().manual_seed(0))
+    for module_name, layer in lora_layers(model).items():
+        delta = sum(w * SCALES[name] * files[name][f"{module_name}.lora_B"] @ files[name][f"{module_name}.lora_A"]
+                    for name, w in weights.items() if f"{module_name}.lora_A" in files[name])
+        assert isinstance(layer.base_layer, QuantizedLinear) and layer.lora_A.dtype == torch.float32
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta.T, atol=1e-5, rtol=0)
+
+
+def test_deleting_every_adapter_gives_back_the_quantized_base(saved_nf4):
+    model = both(saved_nf4)
+    delete_adapter(model, "b")
+    delete_adapter(model, "a")
+    assert not lora_layers(model) and len(quantized_layers(model)) == 6 * LORA_TINY.n_layer
+    assert torch.equal(logits(model), logits(nf4_base()))
+    assert count_parameters(model) == (0, sum(p.numel() for p in tiny_gpt().parameters()))
+
+
+def test_the_adapters_of_one_base_share_its_quantization(saved_nf4):
+    model = both(saved_nf4)
+    with pytest.raises(ValueError, match="adapter 'c' has quantize='none', but this model's base has quantize='nf4'"):
+        add_adapter(model, "c", CONFIGS["a"])
+    assert adapter_names(model) == ["a", "b"]
+    float_model = tiny_gpt()
+    inject_lora(float_model, CONFIGS["a"])
+    with pytest.raises(ValueError, match="adapter 'b' has quantize='nf4', but this model's base has quantize='none'"):
+        load_adapter(float_model, saved_nf4["b"], name="b")
+    assert adapter_names(float_model) == ["default"] and not quantized_layers(float_model)

@@ -109,6 +109,8 @@ def check_model_and_lora(cfg: DictConfig, problems: Problems) -> None:
         problems.require(model_config.vocab_size >= ByteTokenizer.vocab_size, "model.vocab_size",
                          model_config.vocab_size, f"at least {ByteTokenizer.vocab_size} for the byte tokenizer")
     lora_config = problems.build("lora", lambda: lora_config_of(cfg.lora))
+    problems.require(cfg.lora.enabled or cfg.lora.quantize == "none", "lora.quantize", cfg.lora.quantize,
+                     "'none' with lora.enabled=false (lora=full trains every weight: none can stay quantized)")
     if lora_config is not None and model_config is not None and not cfg.model.pretrained:
         with torch.device("meta"):  # rank against the real layer shapes, at no cost
             problems.build("lora", lambda: inject_lora(GPT(model_config), lora_config))

@@ -360,7 +360,7 @@ def _require_quantization(model: nn.Module, name: str, quantize: str) -> None:
         raise ValueError(f"{type(model).__name__} is already quantized: give inject_lora the float model and "
                          f"LoRAConfig(quantize=...), and it quantizes the base itself")
     if _lora_modules(model) and methods != [quantize]:
-        raise ValueError(f"adapter {name!r} has quantize={quantize!r}, but this model's base is quantized "
+        raise ValueError(f"adapter {name!r} has quantize={quantize!r}, but this model's base has quantize="
                          f"{'+'.join(methods)!r}: the adapters of one base share its quantization")
 
 
