@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from loralab.lora import lora_layers, merge_and_unload
 from loralab.model import GPT, GPTConfig
-from loralab.quant import quantized_layers
+from loralab.quant import quantization, quantized_layers
 
 CONFIG = "config.json"
 # in order of preference; an index file names the shards of a large checkpoint
@@ -195,9 +195,8 @@ def save_merged_gpt2(model: GPT, directory: str | Path, dequantize: bool = False
     quantized (QLoRA) base needs ``dequantize=True``: the checkpoint then holds its float32
     dequantization plus scale · B A, what the QLoRA model computes, in full precision.
     """
-    methods = sorted({layer.method for layer in quantized_layers(model).values()})
-    if methods and not dequantize:
-        raise ValueError(f"the model's base is {'+'.join(methods)}-quantized and a GPT-2 checkpoint holds float "
+    if quantization(model) != "none" and not dequantize:
+        raise ValueError(f"the model's base is {quantization(model)}-quantized and a GPT-2 checkpoint holds float "
                          f"weights: save_merged_gpt2(model, directory, dequantize=True) writes its dequantization")
     merged = merge_and_unload(copy.deepcopy(model), dequantize=dequantize)
     directory = Path(directory)

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loralab.quant import METHODS as QUANTIZE_METHODS
-from loralab.quant import QuantizedLinear, quantize_linears, quantized_layers
+from loralab.quant import QuantizedLinear, quantization, quantize_linears, quantized_layers
 
 SCALINGS = ("standard", "rslora")
 INITS = ("kaiming", "gaussian")
@@ -355,13 +355,13 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> list[str]:
 
 def _require_quantization(model: nn.Module, name: str, quantize: str) -> None:
     """An adapter means something only on a base quantized the way its config says."""
-    methods = sorted({m.method for m in quantized_layers(model).values()}) or ["none"]
-    if not _lora_modules(model) and methods != ["none"]:  # its config could not say how (block size, skip ...)
+    base = quantization(model)
+    if not _lora_modules(model) and base != "none":  # its config could not say how (block size, skip ...)
         raise ValueError(f"{type(model).__name__} is already quantized: give inject_lora the float model and "
                          f"LoRAConfig(quantize=...), and it quantizes the base itself")
-    if _lora_modules(model) and methods != [quantize]:
-        raise ValueError(f"adapter {name!r} has quantize={quantize!r}, but this model's base has quantize="
-                         f"{'+'.join(methods)!r}: the adapters of one base share its quantization")
+    if _lora_modules(model) and base != quantize:
+        raise ValueError(f"adapter {name!r} has quantize={quantize!r}, but this model's base has quantize={base!r}: "
+                         f"the adapters of one base share its quantization")
 
 
 def _validated_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -476,8 +476,8 @@ def disable_adapter(model: nn.Module):
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` and its parameters, in place. A Linear left with no adapter
-    becomes its frozen base again (``nn.Linear``, or ``QuantizedLinear``). The active adapter can be deleted only
-    when it is the last one: ``set_adapter`` another first."""
+    becomes its frozen base again (``nn.Linear`` or ``QuantizedLinear``). The active
+    adapter can be deleted only when it is the last one: ``set_adapter`` another first."""
     _require_adapter(model, name)
     others = [n for n in adapter_names(model) if n != name]
     if name == active_adapter(model) and others:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from loralab.gpt2 import CONV1D, HF_NAME, OURS, QKV, in_block
 from loralab.lora import LoRAConfig, LoRALinear, find_targets, lora_layers, replace_module
 from loralab.model import GPT
-from loralab.quant import quantized_layers
+from loralab.quant import quantization
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -64,9 +64,8 @@ def export_peft_adapter(model: GPT, lora_config: LoRAConfig, directory: str | Pa
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to export: inject_lora(model, config) first")
-    methods = sorted({layer.method for layer in quantized_layers(model).values()})
-    if methods:
-        raise ValueError(f"the model's base is {'+'.join(methods)}-quantized (lora.quantize): a PEFT adapter goes "
+    if quantization(model) != "none":
+        raise ValueError(f"the model's base is {quantization(model)}-quantized (lora.quantize): a PEFT adapter goes "
                          f"onto Hugging Face's float GPT-2, where this adapter computes something else; export "
                          f"the merged model instead (`python -m loralab.export RUN --merged OUT` dequantizes the base)")
     wrong = sorted(name for name, layer in layers.items() if layer.scaling != lora_config.scaling)

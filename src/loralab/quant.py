@@ -245,6 +245,11 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
+def quantization(model: nn.Module) -> str:
+    """How ``model``'s Linears are stored: ``"none"``, a method, or several joined by ``+``."""
+    return "+".join(sorted({m.method for m in quantized_layers(model).values()})) or "none"
+
+
 def bits_per_parameter(model: nn.Module) -> float:
     """Bits of storage per quantized weight, over all ``QuantizedLinear`` layers, measured
     from their buffers' bytes: 8.03 for int8 (out×in), 4.5 for NF4, 4.127 with double quant."""
