@@ -20,6 +20,7 @@ peft = pytest.importorskip("peft")
 from loralab.gpt2 import gpt2_state_dict, load_gpt2, save_merged_gpt2
 from loralab.lora import LoRAConfig, inject_lora, lora_layers, lora_state_dict
 from loralab.peft_adapter import PEFT_WEIGHTS, export_peft_adapter, import_peft_adapter
+from loralab.quant import quantized_layers
 
 TINY = dict(vocab_size=101, n_positions=16, n_embd=32, n_layer=2, n_head=2)
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out"]
@@ -165,6 +166,19 @@ def test_merged_checkpoint_loads_as_plain_gpt2(gpt2_dir, tmp_path):
     merged = hf_gpt2(tmp_path)
     assert not hasattr(merged, "peft_config")
     assert_close(logits_of(merged), logits_of(ours), changed_from=logits_of(hf_gpt2(gpt2_dir)))
+
+
+def test_a_qlora_model_exports_merged_only_with_dequantize_and_never_as_peft(gpt2_dir, tmp_path):
+    config = LoRAConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"], quantize="nf4")
+    ours = our_lora_gpt2(gpt2_dir, config)
+    with pytest.raises(ValueError, match="nf4-quantized .* export the merged model instead"):
+        export_peft_adapter(ours, config, tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"nf4-quantized .* save_merged_gpt2\(model, directory, dequantize=True\)"):
+        save_merged_gpt2(ours, tmp_path)
+    save_merged_gpt2(ours, tmp_path, dequantize=True)
+    assert len(quantized_layers(ours)) == 6 * TINY["n_layer"]  # the caller's model stays quantized
+    # the checkpoint computes what the QLoRA model computes, quantization error included
+    assert_close(logits_of(hf_gpt2(tmp_path)), logits_of(ours), changed_from=logits_of(hf_gpt2(gpt2_dir)))
 
 
 def test_unsupported_adapters_are_clear_errors(gpt2_dir, tmp_path):

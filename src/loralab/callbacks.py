@@ -80,7 +80,8 @@ class MergeCheck(pl.Callback):
     at the end of training. lora/merge_ok says whether it is within ``tolerance`` times the
     largest logit (at least 1): float32 rounding grows with the logits' scale, a wrong
     merge does not hide in it. It merges a copy: merge-then-unmerge is not exact in
-    floating point, and the final validation must see the weights training left."""
+    floating point, the final validation must see the weights training left, and a
+    quantized (QLoRA) base is merged by dequantizing it for good."""
 
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
@@ -94,7 +95,7 @@ class MergeCheck(pl.Callback):
         x, _ = next(iter(trainer.datamodule.val_dataloader()))
         x = x.to(pl_module.device)
         merged_model = copy.deepcopy(model).eval()
-        merge_lora(merged_model)
+        merge_lora(merged_model, dequantize=True)
         merged = merged_model(x)[0].float()
         del merged_model
         was_training = model.training

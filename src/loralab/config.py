@@ -139,6 +139,8 @@ def check_model_and_lora(cfg: DictConfig, problems: Problems, skip: set[str]) ->
     else:
         base_config = model_config
     lora_config = None if "lora" in skip else problems.build("lora", lambda: lora_config_of(cfg.lora))
+    problems.require(cfg.lora.enabled or cfg.lora.quantize == "none", "lora.quantize", cfg.lora.quantize,
+                     "'none' with lora.enabled=false (lora=full trains every weight: none can stay quantized)")
     if lora_config is not None and base_config is not None:
         with torch.device("meta"):  # rank against the real layer shapes, at no cost
             problems.build("lora", lambda: inject_lora(GPT(base_config), lora_config))

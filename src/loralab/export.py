@@ -4,8 +4,12 @@
     python -m loralab.export RUN_DIR --merged OUT_DIR   # config.json + model.safetensors (plain GPT-2)
 
 The adapter goes onto exactly the base its run recorded (path and weights' SHA-256 in
-``adapter/adapter_config.json``). Export never trains: a missing or different base
-is one error line saying which base it needs and how to get it back.
+``adapter/adapter_config.json``), quantized as its run quantized it (``lora.quantize``).
+Export never trains: a missing or different base is one error line saying which base it
+needs and how to get it back. A QLoRA run (``lora.quantize=int8|nf4``) exports only
+``--merged``, which dequantizes its base explicitly (``dequantize=True``): float32
+weights holding what the QLoRA model computes. ``--peft`` refuses it, since on the float
+GPT-2 its adapter would compute something else.
 """
 
 from __future__ import annotations
@@ -63,11 +67,14 @@ def main(argv: list[str] | None = None) -> None:
         model, config, meta = load_finetuned(args.run_dir)
     except (FileNotFoundError, BaseError) as e:
         sys.exit(f"error: {e}")
-    if args.peft:
-        base_path = meta["base"]["path"] if meta["base"]["source"] == "gpt2" else None
-        out = export_peft_adapter(model, config, args.peft, base_model_name_or_path=base_path)
-    else:
-        out = save_merged_gpt2(model, args.merged)
+    try:
+        if args.peft:
+            base_path = meta["base"]["path"] if meta["base"]["source"] == "gpt2" else None
+            out = export_peft_adapter(model, config, args.peft, base_model_name_or_path=base_path)
+        else:
+            out = save_merged_gpt2(model, args.merged, dequantize=True)  # a QLoRA base: float32 weights
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {out}")
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from loralab.lora import lora_layers, merge_lora
+from loralab.lora import lora_layers, merge_and_unload
 from loralab.model import GPT, GPTConfig
+from loralab.quant import quantization, quantized_layers
 
 CONFIG = "config.json"
 # in order of preference; an index file names the shards of a large checkpoint
@@ -142,10 +143,15 @@ def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our GPT's weights under ``GPT2LMHeadModel``'s keys and layouts (the inverse of ``load_gpt2``).
 
     LoRA layers must be merged: an unmerged layer's weight alone is not what the model computes.
+    Quantized Linears (QLoRA) must be dequantized: a GPT-2 checkpoint holds float weights.
     """
     if not model.config.bias:
         raise ValueError("GPT-2 has biases in every Linear and LayerNorm: a GPT with bias=False "
                          "has no GPT-2 checkpoint form")
+    quantized = list(quantized_layers(model))
+    if quantized:
+        raise ValueError(f"Linears {quantized[:3]} are quantized: merge_and_unload(model, dequantize=True) first, "
+                         f"or use save_merged_gpt2")
     unmerged = [name for name, layer in lora_layers(model).items() if not layer.merged]
     if unmerged:
         raise ValueError(f"LoRA layers {unmerged[:3]} are not merged: merge_lora(model) first, "
@@ -182,13 +188,17 @@ def gpt2_config(config: GPTConfig) -> dict:
     }
 
 
-def save_merged_gpt2(model: GPT, directory: str | Path) -> Path:
+def save_merged_gpt2(model: GPT, directory: str | Path, dequantize: bool = False) -> Path:
     """Write ``model`` with its LoRA merged as a plain GPT-2 directory that ``transformers`` loads.
 
-    Merges a copy, so the caller's model stays unmerged and bit-for-bit unchanged.
+    Merges a copy, so the caller's model stays unmerged and bit-for-bit unchanged. A
+    quantized (QLoRA) base needs ``dequantize=True``: the checkpoint then holds its float32
+    dequantization plus scale · B A, what the QLoRA model computes, in full precision.
     """
-    merged = copy.deepcopy(model)
-    merge_lora(merged)
+    if quantization(model) != "none" and not dequantize:
+        raise ValueError(f"the model's base is {quantization(model)}-quantized and a GPT-2 checkpoint holds float "
+                         f"weights: save_merged_gpt2(model, directory, dequantize=True) writes its dequantization")
+    merged = merge_and_unload(copy.deepcopy(model), dequantize=dequantize)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in gpt2_state_dict(merged).items()}

@@ -10,6 +10,9 @@ with ``scale = alpha / r``, or ``alpha / sqrt(r)`` for rank-stabilised LoRA
 LoRA", 2023). As in ``loralib``, the ``lora_`` prefix *is* the adapter API:
 freezing, the adapter state dict and saving all key off it.
 
+QLoRA (Dettmers et al. 2023, §3) keeps the frozen base quantized (``loralab.quant``)
+and the adapters in float32: ``LoRAConfig(quantize="nf4")``.
+
 This module depends on torch (and safetensors for saving) only.
 """
 
@@ -26,6 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loralab.quant import METHODS as QUANTIZE_METHODS
+from loralab.quant import QuantizedLinear, quantization, quantize_linears, quantized_layers
+
 SCALINGS = ("standard", "rslora")
 INITS = ("kaiming", "gaussian")
 ALL_LINEAR = "all-linear"
@@ -41,7 +47,8 @@ class LoRAConfig:
 
     ``target_modules`` is a list of leaf names (``["q_proj", "v_proj"]``), a
     regular expression matched against full module names (``r".*\\.h\\.0\\..*"``),
-    or ``"all-linear"`` (every ``nn.Linear`` except ``lm_head``).
+    or ``"all-linear"`` (every ``nn.Linear`` except ``lm_head``). ``quantize`` (``int8`` or
+    ``nf4``) stores the frozen base's Linears quantized (QLoRA; see ``loralab.quant``).
     """
 
     rank: int = 8
@@ -50,6 +57,7 @@ class LoRAConfig:
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     scaling: str = "standard"
     init: str = "kaiming"
+    quantize: str = "none"
 
     def __post_init__(self):
         if isinstance(self.target_modules, tuple):
@@ -70,6 +78,8 @@ class LoRAConfig:
                                  f"{e}") from None
         _require_field(self.scaling in SCALINGS, "scaling", self.scaling, f"one of {list(SCALINGS)}")
         _require_field(self.init in INITS, "init", self.init, f"one of {list(INITS)}")
+        _require_field(self.quantize in QUANTIZE_METHODS, "quantize", self.quantize,
+                       f"one of {list(QUANTIZE_METHODS)}")
 
     @property
     def scale(self) -> float:
@@ -127,14 +137,22 @@ class LoRALinear(nn.Module):
     others wait, frozen, in ``lora_parked[name]``. ``set_adapter`` swaps the
     parameter objects, it never copies values. ``disabled = True`` computes the
     base alone (torchtune's switch).
+
+    A ``QuantizedLinear`` base (QLoRA) stays packed in ``base_layer`` and computes
+    W x + b itself (``weight`` and ``bias`` are None); its adapters are float32, and
+    merging into it must say ``dequantize=True``.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base: nn.Linear | QuantizedLinear, rank: int, alpha: float, dropout: float = 0.0,
                  scaling: str = "standard", init: str = "kaiming", adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight.requires_grad_(False)
-        self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
+        if isinstance(base, QuantizedLinear):
+            self.base_layer, self.weight, self.bias = base, None, None
+        else:
+            self.base_layer = None
+            self.weight = base.weight.requires_grad_(False)
+            self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
         self.lora_parked = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged = False
@@ -154,9 +172,11 @@ class LoRALinear(nn.Module):
                     scaling: str = "standard", init: str = "kaiming") -> None:
         """A new adapter, parked and frozen until ``set_adapter(name)``."""
         # float32 at least: bf16 cannot hold the small updates B receives early in training
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        # (and a quantized base's integer codes promote to float32 too)
+        base = self.weight if self.base_layer is None else next(self.base_layer.buffers())
+        dtype = torch.promote_types(base.dtype, torch.float32)
         adapter = LoRAAdapter.initialised(self.in_features, self.out_features, rank, alpha, dropout, scaling, init,
-                                          device=self.weight.device, dtype=dtype)
+                                          device=base.device, dtype=dtype)
         self.lora_parked[name] = adapter.requires_grad_(False)
 
     def set_adapter(self, name: str | None) -> None:
@@ -190,7 +210,7 @@ class LoRALinear(nn.Module):
         self.rank = self.alpha = self.scaling = self.scale = self.active_adapter = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
+        result = self.base_layer(x) if self.base_layer is not None else F.linear(x, self.weight, self.bias)
         if self.merged:
             if self.training and torch.is_grad_enabled():
                 raise RuntimeError("LoRALinear is merged: call unmerge() before training it "
@@ -208,21 +228,38 @@ class LoRALinear(nn.Module):
         return self.scale * (self.lora_B @ self.lora_A)
 
     def merged_weight(self) -> torch.Tensor:
-        """W + scale · B A, summed in the adapter's dtype and cast to W's once."""
+        """W + scale · B A, summed in the adapter's dtype and cast to W's once (a quantized
+        base's W is its float32 dequantization)."""
         delta = self.delta_weight()
-        return (self.weight.to(delta.dtype) + delta).to(self.weight.dtype)
+        weight = self.weight if self.base_layer is None else self.base_layer.dequantize_weight()
+        return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
     @torch.no_grad()
-    def merge(self, safe: bool = False) -> None:
+    def merge(self, safe: bool = False, dequantize: bool = False) -> None:
         """Fold scale · B A into W. Idempotent. ``safe=True`` (PEFT's safe_merge) raises
-        before writing if the merged weight would hold NaN or inf, and leaves W as it was."""
+        before writing if the merged weight would hold NaN or inf, and leaves W as it was.
+
+        A quantized base has no float W to fold into: ``dequantize=True`` replaces it, for
+        good, by its float32 dequantization and merges into that (``unmerge`` leaves the
+        float32 W); without it, this raises."""
+        if self.base_layer is not None and not dequantize:
+            raise RuntimeError(f"LoRALinear cannot merge into its {self.base_layer.method}-quantized base: "
+                               f"merge(dequantize=True) dequantizes the base to float32 and merges into it "
+                               f"(the layer then stays full precision)")
         if self.merged or self.active_adapter is None:
             return
         merged = self.merged_weight()
         if safe:
             _require_finite_merge(merged, self.active_adapter, f"Linear({self.in_features} -> {self.out_features})")
+        if self.base_layer is not None:
+            self.dequantize_base()
         self.weight.copy_(merged)
         self.merged = True
+
+    def dequantize_base(self) -> None:
+        """Replace a quantized base by a float32 weight (and its bias), for good."""
+        linear = self.base_layer.to_linear()
+        self.weight, self.bias, self.base_layer = linear.weight, linear.bias, None
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -232,9 +269,12 @@ class LoRALinear(nn.Module):
             self.weight.copy_((self.weight.to(delta.dtype) - delta).to(self.weight.dtype))
             self.merged = False
 
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding the merged weight (for export); the base when no adapter is active."""
-        self.merge()
+    def to_linear(self, dequantize: bool = False) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the merged weight (for export); the base when no adapter
+        is active. A quantized base needs ``dequantize=True`` (see ``merge``)."""
+        self.merge(dequantize=dequantize)
+        if self.base_layer is not None:  # no active adapter merged it: dequantize the base alone
+            self.dequantize_base()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
         linear.weight, linear.bias = self.weight, self.bias
@@ -258,8 +298,11 @@ def _require_finite_merge(merged: torch.Tensor, adapter: str, where: str) -> Non
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """The Linears LoRA can target: plain ``nn.Linear``s, and ``LoRALinear``s (another adapter)."""
-    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
+    """The Linears LoRA can target: plain ``nn.Linear``s, ``QuantizedLinear``s, and ``LoRALinear``s
+    (another adapter), but not the quantized base inside a ``LoRALinear``."""
+    wrapped = {f"{name}.base_layer" for name in _lora_modules(model)}
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, QuantizedLinear, LoRALinear)) and name not in wrapped]
 
 
 def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
@@ -275,7 +318,8 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
 
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Freeze ``model`` and wrap the targeted Linears in ``LoRALinear``, in place: the
-    model's adapter ``"default"``. Returns the names of the adapted modules (see ``add_adapter``)."""
+    model's adapter ``"default"``. With ``config.quantize`` (QLoRA) every ``nn.Linear`` but
+    ``lm_head`` is quantized first. Returns the names of the adapted modules (see ``add_adapter``)."""
     return add_adapter(model, DEFAULT_ADAPTER, config)
 
 
@@ -283,16 +327,20 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> list[str]:
     """Give the Linears ``config`` targets an adapter called ``name``, in place.
 
     The model's first adapter is the active one, and everything else is frozen; a later
-    adapter waits, frozen, until ``set_adapter(model, name)``. Returns the names of the
-    adapted modules. Raises before changing anything if the name is taken, nothing
-    matches, the rank is too large for a targeted layer, or a targeted weight is tied to
-    another module (GPT-2's lm_head and wte).
+    adapter waits, frozen, until ``set_adapter(model, name)``. The first adapter's
+    ``config.quantize`` quantizes the base (QLoRA: every ``nn.Linear`` but ``lm_head``); a
+    later one must name the same. Returns the names of the adapted modules. Raises before
+    changing anything if the name is taken, the quantization differs, nothing matches, the
+    rank is too large for a targeted layer, or a targeted weight is tied to another module
+    (GPT-2's lm_head and wte).
     """
     _require_new_name(model, name)
     _require_unmerged(model, "adding an adapter")
+    _require_quantization(model, name, config.quantize)
     targets = _validated_targets(model, config)
     active = active_adapter(model) or name
     if active == name:
+        quantize_linears(model, config.quantize)  # QLoRA quantizes the whole frozen base, not only the targets
         model.requires_grad_(False)
     for target in targets:
         layer = model.get_submodule(target)
@@ -305,6 +353,17 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> list[str]:
     return targets
 
 
+def _require_quantization(model: nn.Module, name: str, quantize: str) -> None:
+    """An adapter means something only on a base quantized the way its config says."""
+    base = quantization(model)
+    if not _lora_modules(model) and base != "none":  # its config could not say how (block size, skip ...)
+        raise ValueError(f"{type(model).__name__} is already quantized: give inject_lora the float model and "
+                         f"LoRAConfig(quantize=...), and it quantizes the base itself")
+    if _lora_modules(model) and base != quantize:
+        raise ValueError(f"adapter {name!r} has quantize={quantize!r}, but this model's base has quantize={base!r}: "
+                         f"the adapters of one base share its quantization")
+
+
 def _validated_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     targets = find_targets(model, config.target_modules)
     if not targets:
@@ -315,7 +374,8 @@ def _validated_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         owners.setdefault(id(p), []).append(param_name)
     for name in targets:
         layer = model.get_submodule(name)
-        tied = [n for n in owners[id(layer.weight)] if n != f"{name}.weight"]
+        weight = getattr(layer, "weight", None)  # None: a quantized base (quantize_linears refuses tied ones)
+        tied = [n for n in owners[id(weight)] if n != f"{name}.weight"] if weight is not None else []
         if tied:  # merging scale·B·A into a shared weight would change the other module too
             raise ValueError(f"LoRA cannot adapt {name!r}: its weight is tied to {tied}")
         if config.rank > min(layer.in_features, layer.out_features):
@@ -342,17 +402,18 @@ def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module, safe: bool = False) -> None:
+def merge_lora(model: nn.Module, safe: bool = False, dequantize: bool = False) -> None:
     """Fold the active adapter into the base weights. ``safe=True`` checks every merged
     weight for NaN/inf before writing any (PEFT's safe_merge); to merge another adapter,
-    ``set_adapter`` it first."""
+    ``set_adapter`` it first. A quantized base needs ``dequantize=True``: the adapted
+    layers then hold float32 weights for good (``LoRALinear.merge``)."""
     layers = lora_layers(model)
     if safe:
         for name, layer in layers.items():
             if not layer.merged:
                 _require_finite_merge(layer.merged_weight(), layer.active_adapter, repr(name))
     for layer in layers.values():
-        layer.merge()
+        layer.merge(dequantize=dequantize)
 
 
 def unmerge_lora(model: nn.Module) -> None:
@@ -360,11 +421,15 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Replace every ``LoRALinear`` by a plain ``nn.Linear`` with the active adapter merged, in place
-    (other adapters are dropped)."""
+    (other adapters are dropped). A quantized base needs ``dequantize=True``, and then every
+    ``QuantizedLinear``, adapted or not, becomes a float32 ``nn.Linear``: a plain float model."""
     for name, layer in _lora_modules(model).items():
-        replace_module(model, name, layer.to_linear())
+        replace_module(model, name, layer.to_linear(dequantize))
+    if dequantize:
+        for name, layer in quantized_layers(model).items():
+            replace_module(model, name, layer.to_linear())
     return model
 
 
@@ -411,8 +476,8 @@ def disable_adapter(model: nn.Module):
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` and its parameters, in place. A Linear left with no adapter
-    becomes a plain (frozen) ``nn.Linear`` again. The active adapter can be deleted only
-    when it is the last one: ``set_adapter`` another first."""
+    becomes its frozen base again (``nn.Linear`` or ``QuantizedLinear``). The active
+    adapter can be deleted only when it is the last one: ``set_adapter`` another first."""
     _require_adapter(model, name)
     others = [n for n in adapter_names(model) if n != name]
     if name == active_adapter(model) and others:
@@ -422,7 +487,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in layer.adapter_names:
             layer.delete_adapter(name)
         if not layer.adapter_names:
-            replace_module(model, module_name, layer.to_linear())
+            replace_module(model, module_name, layer.to_linear() if layer.base_layer is None else layer.base_layer)
 
 
 @torch.no_grad()
@@ -559,9 +624,10 @@ def _require_same_base(recorded: dict | None, expected_sha256: str | None, direc
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; tied weights count once."""
+    """(trainable, total) parameters; tied weights count once, a quantized weight as its out × in."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantized = sum(m.in_features * m.out_features for m in quantized_layers(model).values())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
 def analytic_lora_parameters(model: nn.Module) -> int:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from loralab.gpt2 import CONV1D, HF_NAME, OURS, QKV, in_block
 from loralab.lora import LoRAConfig, LoRALinear, find_targets, lora_layers, replace_module
 from loralab.model import GPT
+from loralab.quant import quantization
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -56,10 +57,17 @@ def export_peft_adapter(model: GPT, lora_config: LoRAConfig, directory: str | Pa
     lora_dropout / use_rslora; modules whose rank or alpha differ (a fused c_attn) get
     ``rank_pattern`` / ``alpha_pattern`` entries. Our per-projection layout travels in the
     safetensors header (PEFT ignores it), so ``import_peft_adapter`` restores it.
+
+    A model with a quantized base (QLoRA) is refused: on Hugging Face's float GPT-2 its
+    adapter would compute something else; ``save_merged_gpt2`` exports it dequantized.
     """
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to export: inject_lora(model, config) first")
+    if quantization(model) != "none":
+        raise ValueError(f"the model's base is {quantization(model)}-quantized (lora.quantize): a PEFT adapter goes "
+                         f"onto Hugging Face's float GPT-2, where this adapter computes something else; export "
+                         f"the merged model instead (`python -m loralab.export RUN --merged OUT` dequantizes the base)")
     wrong = sorted(name for name, layer in layers.items() if layer.scaling != lora_config.scaling)
     if wrong:
         raise ValueError(f"LoRA layers {wrong[:3]} do not use lora_config.scaling={lora_config.scaling!r}: "
