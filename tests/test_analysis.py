@@ -5,15 +5,23 @@ by hand; then the per-run callback and the sweep CLI on real runs."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TINY, compose, run_train
+from wandb_offline import offline_runs
 
 from loralab.analysis import (analyze_adapter, analyze_model, analyze_update, effective_rank, layer_means,
                               random_subspace_similarity, stable_rank, subspace_similarity)
-from loralab.lora import LoRAConfig, LoRALinear, inject_lora, lora_state_dict
+from loralab.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, inject_lora, lora_state_dict
 
 
 def orthonormal(dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -164,3 +172,156 @@ def test_saved_tensors_and_base_weights_give_the_models_numbers():
     assert "amplification" not in without_base[0]
     assert set(layer_means(without_base)) == {"analysis/eff_rank_mean", "analysis/stable_rank_mean",
                                               "analysis/delta_w_norm_mean"}
+
+
+# --- per run: the AdapterAnalysis callback ----------------------------------------------
+
+
+def saved_adapter_analysis(run_dir: Path, cfg) -> list[dict]:
+    """What analyze_adapter makes of the run's saved adapter and its (cached) base model."""
+    from safetensors.torch import load_file
+
+    from loralab.loggers import run_identity
+    from loralab.run import base_model
+
+    meta = json.loads((run_dir / "adapter" / ADAPTER_CONFIG).read_text())
+    base = base_model(cfg, run_identity(cfg)).state_dict()
+    return analyze_adapter(load_file(run_dir / "adapter" / ADAPTER_WEIGHTS), LoRAConfig(**meta["lora"]).scale, base)
+
+
+@pytest.mark.slow
+def test_a_lora_run_records_its_adapters_analysis_in_the_summary_and_wandb(tmp_path, base_cache):
+    from loralab.run import train
+
+    cfg = compose([*TINY, "logger=wandb", f"paths.cache_dir={base_cache}", f"paths.output_dir={tmp_path}"])
+    train(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    expected = saved_adapter_analysis(tmp_path, cfg)
+    assert [row["layer"] for row in expected] == [f"transformer.h.{i}.attn.{m}" for i in (0, 1) for m in
+                                                  ("q_proj", "v_proj")]
+    assert len(summary["analysis"]) == len(expected)
+    # equal up to float32 rounding: W went through the merge check's merge and unmerge
+    for recorded, row in zip(summary["analysis"], expected):
+        assert recorded.keys() == row.keys()
+        for name, value in row.items():
+            assert recorded[name] == (value if name == "layer" else pytest.approx(value, rel=1e-6)), name
+    for name, value in layer_means(expected).items():
+        assert summary["metrics"][name] == pytest.approx(value, rel=1e-6), name
+    [run] = [r for r in offline_runs(tmp_path) if r.job_type == "finetune"]
+    assert run.metric("analysis/amplification_mean") == [summary["metrics"]["analysis/amplification_mean"]]
+    [table_ref] = run.metric("analysis/layers")
+    table = json.loads((run.path.parent / "files" / table_ref["path"]).read_text())
+    amplification = table["columns"].index("amplification")
+    assert [row[amplification] for row in table["data"]] == pytest.approx([row["amplification"] for row in expected])
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_has_no_adapter_to_analyse(tmp_path, base_cache):
+    from loralab.run import train
+
+    train(compose([*TINY, "lora=full", "logger=none", f"paths.cache_dir={base_cache}", f"paths.output_dir={tmp_path}"]))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["analysis"] == [] and not any(name.startswith("analysis/") for name in summary["metrics"])
+
+
+# --- per sweep: python -m loralab.analyze ------------------------------------------------------
+
+
+def test_a_directory_without_adapters_is_one_clear_error(tmp_path, capsys):
+    from loralab.analyze import main
+
+    (tmp_path / "0").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("loralab-analyze: error:") and f"{tmp_path} holds no saved adapter" in error
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory) -> tuple[Path, Path]:
+    """``-m lora.rank=2,4 seed=1,2``: jobs 0, 1 at r = 2 (seeds 1, 2), jobs 2, 3 at r = 4, logged to
+    W&B (offline); its own base cache, so the one base file there is the sweep's."""
+    tmp = tmp_path_factory.mktemp("analyze")
+    run_train(["-m", "lora.rank=2,4", "seed=1,2", *TINY, f"paths.cache_dir={tmp / 'cache'}",
+               f"hydra.sweep.dir={tmp / 'sweep'}"], cwd=tmp)
+    [base] = (tmp / "cache").glob("base-*.safetensors")
+    return tmp / "sweep", base
+
+
+def markdown_rows(text: str, header_start: str) -> list[dict]:
+    """The rows of the Markdown table in ``text`` whose header line starts with ``header_start``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = []
+    for line in itertools.takewhile(lambda line: line.startswith("|"), lines[start + 2:]):
+        rows.append(dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))))
+    return rows
+
+
+def number(cell: str) -> float:
+    """The value of a cell such as ``0.123`` or ``0.123 ± 0.01``."""
+    return float(cell.split("±")[0])
+
+
+def top_direction(lora_A: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svd(lora_A.double())[2][0]  # the first right singular vector, (in,)
+
+
+@pytest.mark.slow
+def test_analyze_cli_reports_the_adapters_own_numbers(tiny_sweep):
+    from safetensors.torch import load_file
+
+    sweep_dir, base_file = tiny_sweep
+    result = subprocess.run([sys.executable, "-m", "loralab.analyze", str(sweep_dir), "--base", str(base_file)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    text = (sweep_dir / "analysis.md").read_text()
+    figures = ("subspace_rank_2_vs_4", "subspace_seeds_0", "subspace_seeds_1", "spectra")
+    for name in figures:
+        assert (sweep_dir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name}.png)" in text
+    [wandb_run] = offline_runs(sweep_dir / "wandb")  # the analysis's own run, beside the jobs' runs
+    assert (wandb_run.job_type, wandb_run.group) == ("analysis", sweep_dir.as_posix())
+    assert {f"analysis/{name}" for name in figures} <= wandb_run.history[0].keys()
+
+    base = load_file(base_file)
+    adapters = {job: load_file(sweep_dir / str(job) / "adapter" / "adapter.safetensors") for job in range(4)}
+    layers = sorted(key.removesuffix(".lora_A") for key in adapters[0] if key.endswith(".lora_A"))
+    per_run = {row["job"]: row for row in markdown_rows(text, "| job |")}
+    for job, rank in ((0, 2), (3, 4)):
+        amplifications = []
+        for layer in layers:  # §7.3 from the definition: ΔW's top-r directions U, V; ‖ΔW‖_F / ‖Uᵀ W V‖_F
+            A, B = adapters[job][f"{layer}.lora_A"].double(), adapters[job][f"{layer}.lora_B"].double()
+            delta = 16 / rank * B @ A
+            U, _, Vh = torch.linalg.svd(delta)
+            W = base[f"{layer}.weight"].double()
+            amplifications.append((delta.norm() / (U[:, :rank].T @ W @ Vh[:rank].T).norm()).item())
+        reported = number(per_run[str(job)]["amplification"])
+        assert reported == pytest.approx(sum(amplifications) / len(amplifications), rel=5e-3)
+        recorded = json.loads((sweep_dir / str(job) / "summary.json").read_text())["metrics"]
+        assert reported == pytest.approx(recorded["analysis/amplification_mean"], rel=5e-3)
+
+    # r = 2 against r = 4, runs of different seeds paired: jobs 0–3 and 1–2; φ(1, 1) = (v₁ · v₂)²
+    [first_layer] = markdown_rows(text, "| layer | φ(1, 1) | random(1, 1) | φ(1, 4)")[:1]
+    overlaps = [(top_direction(adapters[a][f"{layers[0]}.lora_A"]) @ top_direction(adapters[b][f"{layers[0]}.lora_A"]))
+                .square().item() for a, b in ((0, 3), (1, 2))]
+    assert first_layer["layer"] == layers[0]
+    assert number(first_layer["φ(1, 1)"]) == pytest.approx(sum(overlaps) / 2, rel=5e-3, abs=5e-4)
+    assert number(first_layer["random(1, 1)"]) == pytest.approx(1 / 64, rel=5e-3)  # 1·1 / (d·1), d = 64
+
+
+@pytest.mark.slow
+def test_analyze_cli_without_base_weights_says_what_it_left_out(tiny_sweep, tmp_path):
+    from loralab.analyze import write_analysis
+
+    sweep_dir, _ = tiny_sweep
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, copy)
+    for config in copy.glob("*/adapter/adapter_config.json"):  # an adapter that names no base
+        meta = json.loads(config.read_text())
+        meta.pop("base", None)
+        config.write_text(json.dumps(meta))
+    text = write_analysis(copy).read_text()
+    assert "No base weights: adapter_config.json names no base model" in text
+    assert {row["amplification"] for row in markdown_rows(text, "| job |")} == {""}
