@@ -209,8 +209,8 @@ def test_a_lora_run_records_its_adapters_analysis_in_the_summary_and_wandb(tmp_p
         assert summary["metrics"][name] == pytest.approx(value, rel=1e-6), name
     [run] = [r for r in offline_runs(tmp_path) if r.job_type == "finetune"]
     assert run.metric("analysis/amplification_mean") == [summary["metrics"]["analysis/amplification_mean"]]
-    [table_ref] = run.metric("analysis/layers")
-    table = json.loads((run.path.parent / "files" / table_ref["path"]).read_text())
+    [table_path] = run.metric("analysis/layers/path")  # the run file holds a reference to the table's file
+    table = json.loads((run.path.parent / "files" / table_path).read_text())
     amplification = table["columns"].index("amplification")
     assert [row[amplification] for row in table["data"]] == pytest.approx([row["amplification"] for row in expected])
 
@@ -283,7 +283,8 @@ def test_analyze_cli_reports_the_adapters_own_numbers(tiny_sweep):
         assert (sweep_dir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name}.png)" in text
     [wandb_run] = offline_runs(sweep_dir / "wandb")  # the analysis's own run, beside the jobs' runs
     assert (wandb_run.job_type, wandb_run.group) == ("analysis", sweep_dir.as_posix())
-    assert {f"analysis/{name}" for name in figures} <= wandb_run.history[0].keys()
+    for name in figures:
+        assert wandb_run.metric(f"analysis/{name}/_type") == ["image-file"], name
 
     base = load_file(base_file)
     adapters = {job: load_file(sweep_dir / str(job) / "adapter" / "adapter.safetensors") for job in range(4)}
