@@ -141,9 +141,24 @@ def test_amplification_and_top_r_energy_share_worked_by_hand(rotate):
     assert row["delta_w_norm"] == pytest.approx(5.0)
     assert row["weight_norm"] == pytest.approx(math.sqrt(100 + 25 + 1 + 0.25))
     assert row["projected_weight_norm"] == pytest.approx(math.sqrt(101))
+    assert row["projected_weight_norm_random"] == pytest.approx(2 * math.sqrt(126.25) / 4)  # r ‖W‖_F / √(out·in)
     assert row["amplification"] == pytest.approx(5 / math.sqrt(101))
     assert row["top_r_energy_share"] == pytest.approx(16 / 25)
     assert row["top_r_energy_share_random"] == pytest.approx(4 / 16)
+
+
+def test_random_directions_project_w_to_the_stated_baseline():
+    """The root of the mean ‖Uᵀ W V‖_F² over random orthonormal U, V (Monte Carlo) is
+    projected_weight_norm_random."""
+    g = torch.Generator().manual_seed(0)
+    out_features, in_features, rank, trials = 12, 9, 3, 3000
+    W = torch.randn(out_features, in_features, generator=g, dtype=torch.float64)
+    squares = torch.stack([(orthonormal(out_features, g)[:, :rank].T @ W @ orthonormal(in_features, g)[:, :rank])
+                           .square().sum() for _ in range(trials)])
+    row = analyze_update(torch.randn(rank, in_features, generator=g), torch.randn(out_features, rank, generator=g),
+                         scale=1.0, weight=W)
+    tolerance = 4 * squares.std().item() / math.sqrt(trials)
+    assert squares.mean().item() == pytest.approx(row["projected_weight_norm_random"] ** 2, abs=tolerance)
 
 
 def test_a_merged_layer_is_analysed_against_its_frozen_weight():

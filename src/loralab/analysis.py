@@ -65,7 +65,9 @@ def analyze_update(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
     With ΔW = U diag(S) Vᵀ its thin SVD (U: out × r, V: in × r, r the LoRA rank):
 
     - ``projected_weight_norm`` = ‖Uᵀ W V‖_F, W in ΔW's own r-dimensional subspace (§7.3,
-      the paper's ‖UᵀWVᵀ‖_F with V stored as rows);
+      the paper's ‖UᵀWVᵀ‖_F with V stored as rows); ``projected_weight_norm_random`` =
+      r · ‖W‖_F / √(out · in) is its value for random orthonormal U, V (the root of
+      E‖Uᵀ W V‖_F² = (r / out)(r / in) ‖W‖_F²), Table 7's "Random" column;
     - ``amplification`` = ‖ΔW‖_F / ‖Uᵀ W V‖_F: how much ΔW amplifies the directions it
       shares with W (the paper: ~21.5 at r = 4, ~1.9 at r = 64 for GPT-3's W_q);
     - ``top_r_energy_share`` = ‖U_Wᵀ ΔW V_W‖_F² / ‖ΔW‖_F², with U_W, V_W W's top-r left and
@@ -86,7 +88,9 @@ def analyze_update(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
     # U_Wᵀ ΔW V_W = (U_Wᵀ U) diag(S) (Vᵀ V_W): (r, r) products, not the (out, in) ΔW
     in_top_r = (U_W[:, :rank].T @ U) @ torch.diag(S) @ (V.T @ Vh_W[:rank].T)
     out_features, in_features = W.shape
-    return {**row, "weight_norm": W.norm().item(), "projected_weight_norm": projected,
+    weight_norm = W.norm().item()
+    return {**row, "weight_norm": weight_norm, "projected_weight_norm": projected,
+            "projected_weight_norm_random": rank * weight_norm / math.sqrt(out_features * in_features),
             "amplification": row["delta_w_norm"] / projected,
             "top_r_energy_share": (in_top_r.square().sum() / S.square().sum()).item(),
             "top_r_energy_share_random": rank**2 / (out_features * in_features)}

@@ -43,8 +43,9 @@ from loralab.report import job_order, parse_overrides, varying_keys, write_atomi
 RANK_KEY, SEED_KEY = "lora.rank", "seed"
 # (row name in analysis.md, per-layer value of loralab.analysis)
 LAYER_MEANS = (("eff. rank", "eff_rank"), ("stable rank", "stable_rank"), ("‖ΔW‖_F", "delta_w_norm"),
+               ("‖UᵀWV‖_F", "projected_weight_norm"), ("‖UᵀWV‖_F random", "projected_weight_norm_random"),
                ("amplification", "amplification"), ("top-r energy share", "top_r_energy_share"),
-               ("(random)", "top_r_energy_share_random"))
+               ("top-r energy share random", "top_r_energy_share_random"))
 SPECTRA = "spectra.png"
 
 
@@ -245,7 +246,8 @@ def seed_sections(adapters: list[Adapter], layers: list[str], sweep_dir: Path) -
         rank = runs[0].rank
         name = f"subspace_seeds_{index}.png"
         save_png(plot_similarity(pairs, layers, f"φ(i, j) between seeds, {setting}"), sweep_dir / name)
-        text = f"Seeds {sorted({a.seed for a in runs})}: {pairs_text(pairs)}; 'random' as above."
+        text = (f"Seeds {sorted({a.seed for a in runs})}: {pairs_text(pairs)}; 'random' is the expectation "
+                "for random subspaces.")
         parts += [f"## Subspace similarity between seeds: {setting} (§7.2, Figure 4)", text,
                   similarity_table(pairs, [(1, 1), (rank, rank)]), f"![{name}]({name})"]
     return parts or ["## Subspace similarity between seeds", "Not computed: no setting has two seeds."]
