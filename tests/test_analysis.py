@@ -16,12 +16,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+
+from loralab.analysis import (
+    analyze_adapter,
+    analyze_model,
+    analyze_update,
+    effective_rank,
+    layer_means,
+    random_subspace_similarity,
+    stable_rank,
+    subspace_similarity,
+)
+from loralab.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, inject_lora, lora_state_dict
+
 from conftest import TINY, compose, run_train
 from wandb_offline import offline_runs
-
-from loralab.analysis import (analyze_adapter, analyze_model, analyze_update, effective_rank, layer_means,
-                              random_subspace_similarity, stable_rank, subspace_similarity)
-from loralab.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, inject_lora, lora_state_dict
 
 
 def orthonormal(dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -289,7 +298,8 @@ def test_analyze_cli_reports_the_adapters_own_numbers(tiny_sweep):
     from safetensors.torch import load_file
 
     sweep_dir, base_file = tiny_sweep
-    result = subprocess.run([sys.executable, "-m", "loralab.analyze", str(sweep_dir), "--base", str(base_file)],
+    # no --base: the base each adapter_config.json records
+    result = subprocess.run([sys.executable, "-m", "loralab.analyze", str(sweep_dir)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     text = (sweep_dir / "analysis.md").read_text()
@@ -331,7 +341,7 @@ def test_analyze_cli_reports_the_adapters_own_numbers(tiny_sweep):
 def test_analyze_cli_without_base_weights_says_what_it_left_out(tiny_sweep, tmp_path):
     from loralab.analyze import write_analysis
 
-    sweep_dir, _ = tiny_sweep
+    sweep_dir, base_file = tiny_sweep
     copy = tmp_path / "sweep"
     shutil.copytree(sweep_dir, copy)
     for config in copy.glob("*/adapter/adapter_config.json"):  # an adapter that names no base
@@ -339,5 +349,8 @@ def test_analyze_cli_without_base_weights_says_what_it_left_out(tiny_sweep, tmp_
         meta.pop("base", None)
         config.write_text(json.dumps(meta))
     text = write_analysis(copy).read_text()
-    assert "No base weights: adapter_config.json names no base model" in text
+    assert "No base weights: adapter_config.json records no base model" in text
     assert {row["amplification"] for row in markdown_rows(text, "| job |")} == {""}
+    given = write_analysis(copy, base=base_file).read_text()  # --base FILE
+    assert "No base weights" not in given
+    assert all(number(row["amplification"]) > 0 for row in markdown_rows(given, "| job |"))

@@ -15,15 +15,13 @@ config), ``<job>/summary.json`` (status, overrides) and ``<job>/.hydra/config.ya
 
 and the heat maps of φ and the singular-value spectra of ΔW per rank as PNGs. When the
 runs logged to W&B, the figures go there too, as an ``analysis`` run in the sweep's group.
-The base weights are the file ``adapter_config.json``'s ``base.path`` names (checked
-against its ``sha256`` when given) or ``--base``; without them the numbers that compare
-ΔW with W are left out, with a note saying so.
+The base weights are the base ``adapter_config.json`` records (verified by its hash), or
+``--base``; without them the numbers that compare ΔW with W are left out, with a note.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import itertools
 import json
@@ -37,8 +35,11 @@ import torch
 import yaml
 
 from loralab.analysis import analyze_adapter, random_subspace_similarity, subspace_similarity
+from loralab.base import BaseError, load_base, load_recorded_base
+from loralab.files import write_atomic
 from loralab.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_scale
-from loralab.report import job_order, parse_overrides, varying_keys, write_atomic
+from loralab.overrides import declared_sweep, swept_overrides, varying_keys
+from loralab.report import job_order
 
 RANK_KEY, SEED_KEY = "lora.rank", "seed"
 # (row name in analysis.md, per-layer value of loralab.analysis)
@@ -94,17 +95,18 @@ def load_adapters(sweep_dir: Path, base: Path | None) -> tuple[list[Adapter], li
     """The sweep's completed adapters in job order, and notes on what was left out."""
     job_dirs = sorted((p.parent.parent for p in sweep_dir.glob(f"*/adapter/{ADAPTER_WEIGHTS}")), key=job_order)
     if not job_dirs:
-        raise AnalysisError(f"{sweep_dir} holds no saved adapter (expected {sweep_dir}/<job>/adapter/{ADAPTER_WEIGHTS}, "
-                            "which each completed LoRA run of a `python train.py -m ...` sweep writes)")
+        raise AnalysisError(f"{sweep_dir} holds no saved adapter (expected {sweep_dir}/<job>/adapter/"
+                            f"{ADAPTER_WEIGHTS}, which each completed LoRA run of a `python train.py -m ...` writes)")
     summaries = {d: json.loads((d / "summary.json").read_text()) for d in job_dirs}
-    notes = [f"Job {d.name} left out: status {s['status']}." for d, s in summaries.items() if s["status"] != "completed"]
+    notes = [f"Job {d.name} left out: status {s['status']}." for d, s in summaries.items()
+             if s["status"] != "completed"]
     job_dirs = [d for d in job_dirs if summaries[d]["status"] == "completed"]
     overrides = {d: summaries[d].get("overrides", []) for d in job_dirs}
-    swept = varying_keys(list(overrides.values()))
+    declared = declared_sweep(sweep_dir)  # the swept keys, as the sweep report finds them
+    swept = declared[0] if declared else varying_keys(list(overrides.values()))
     adapters = []
     for job_dir in job_dirs:
-        swept_overrides = {key: o for key, _, o in parse_overrides(overrides[job_dir]) if key in swept}
-        adapter, note = load_adapter(job_dir, swept_overrides, base)
+        adapter, note = load_adapter(job_dir, swept_overrides(overrides[job_dir], swept), base)
         adapters.append(adapter)
         notes += [note] if note else []
     return adapters, list(dict.fromkeys(notes))
@@ -126,32 +128,30 @@ def load_adapter(job_dir: Path, swept: dict[str, str], base: Path | None) -> tup
 
 
 def base_weights_for(meta: dict, base: Path | None) -> tuple[dict | None, str | None]:
-    """The base model's weights: ``base``, else the file adapter_config.json names; a note if none."""
-    if base is None:
-        named = meta.get("base") or {}
-        if not named.get("path"):
-            return None, ("No base weights: adapter_config.json names no base model (pass --base FILE); "
-                          "amplification and top-r energy share are left out.")
-        base = Path(named["path"])
+    """The base model's weights: ``base``, else the base adapter_config.json records; a note if none."""
+    if base is not None:
         if not base.is_file():
-            return None, f"No base weights: {base} (named in adapter_config.json) is gone; pass --base FILE."
-        if named.get("sha256") and file_sha256(base) != named["sha256"]:
-            return None, f"No base weights: {base} has changed since training (sha256 differs); pass --base FILE."
-    elif not base.is_file():
-        raise AnalysisError(f"--base {base} is not a file (expected a base model's .safetensors)")
-    return load_base_weights(base), None
+            raise AnalysisError(f"--base {base} is not a file (expected a base model's .safetensors)")
+        return base_file_weights(str(base)), None
+    if "base" not in meta:
+        return None, ("No base weights: adapter_config.json records no base model (pass --base FILE); "
+                      "‖UᵀWV‖_F, amplification and top-r energy share are left out.")
+    try:
+        return recorded_base_weights(tuple(sorted(meta["base"].items()))), None
+    except BaseError as e:
+        return None, f"No base weights: {e}; pass --base FILE."
+
+
+# One load per base, however many runs of the sweep share it.
+@cache
+def base_file_weights(path: str) -> dict[str, torch.Tensor]:
+    return load_base(path)[0].state_dict()
 
 
 @cache
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@cache
-def load_base_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path)
+def recorded_base_weights(identity: tuple) -> dict[str, torch.Tensor]:
+    """The base a run recorded (``BaseIdentity.to_dict()``'s items), verified by its hash."""
+    return load_recorded_base(dict(identity)).state_dict()
 
 
 def pick_layers(adapters: list[Adapter], pattern: str | None) -> list[str]:
@@ -161,7 +161,7 @@ def pick_layers(adapters: list[Adapter], pattern: str | None) -> list[str]:
     try:
         picked = [name for name in names if re.fullmatch(pattern, name)]
     except re.error as e:
-        raise AnalysisError(f"--layers {pattern!r} is not a valid regular expression: {e}")
+        raise AnalysisError(f"--layers {pattern!r} is not a valid regular expression: {e}") from None
     if not picked:
         raise AnalysisError(f"--layers {pattern!r} matches none of the adapted layers: {names}")
     return picked
@@ -221,7 +221,8 @@ def rank_section(adapters: list[Adapter], layers: list[str], sweep_dir: Path) ->
     if len(ranks) < 2:
         return ["## Subspace similarity between ranks", "Not computed: the sweep has one rank."]
     low, high = ranks[0], ranks[-1]
-    candidates = [(a, b) for a in adapters for b in adapters if a.rank == low and b.rank == high and a.context == b.context]
+    candidates = [(a, b) for a in adapters for b in adapters
+                  if a.rank == low and b.rank == high and a.context == b.context]
     pairs = [(a, b) for a, b in candidates if a.seed != b.seed] or candidates
     title = f"Subspace similarity φ(i, j): top-i of r = {low} against top-j of r = {high} (§7.2, Figure 3)"
     if not pairs:
