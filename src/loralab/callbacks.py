@@ -154,3 +154,30 @@ class History(pl.Callback):
         if curve and curve[-1][0] == trainer.global_step:  # validated again at the same step
             curve.pop()
         curve.append([trainer.global_step, trainer.callback_metrics["val/loss"].item()])
+
+
+class AdapterAnalysis(pl.Callback):
+    """analysis/*: the LoRA paper's §7 diagnostics of the trained adapters (``loralab.analysis``)
+    at the end of training. ``layers`` holds one row per adapted layer (a W&B table,
+    ``analysis/layers``), ``metrics`` their means (analysis/eff_rank_mean, ...)."""
+
+    def __init__(self):
+        self.metrics: dict = {}
+        self.layers: list[dict] = []
+
+    def on_fit_end(self, trainer, pl_module):
+        # imported here, where used, like the loggers' optional parts
+        from pytorch_lightning.loggers import WandbLogger
+
+        from loralab.analysis import analyze_model, layer_means
+
+        if not lora_layers(pl_module.model):
+            return
+        self.layers = analyze_model(pl_module.model)
+        self.metrics = layer_means(self.layers)
+        log_to_loggers(trainer, self.metrics)
+        columns = [name for name, value in self.layers[0].items() if not isinstance(value, list)]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table("analysis/layers", columns=columns,
+                                 data=[[row[name] for name in columns] for row in self.layers])

@@ -20,7 +20,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
-from loralab.callbacks import History, MergeCheck, ParameterCount, StepProgressBar, Throughput
+from loralab.callbacks import AdapterAnalysis, History, MergeCheck, ParameterCount, StepProgressBar, Throughput
 from loralab.checkpoints import AtomicCheckpointIO, LastCheckpoint, finished_summary, last_checkpoint
 from loralab.config import ConfigError, gpt_config, lora_config_of, validate
 from loralab.console import silence_known_noise
@@ -118,9 +118,9 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
     the run's status, metrics and loss history, which also go to the logger's summary."""
     max_steps = max_steps or cfg.trainer.max_steps
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
-    replicas = ReplicaCheck()
+    replicas, analysis = ReplicaCheck(), AdapterAnalysis()
     checkpoints = LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps)
-    callbacks = [count, throughput, replicas, merge_check, history, checkpoints]
+    callbacks = [count, throughput, replicas, merge_check, history, checkpoints, analysis]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(job_type))
     resume_from = last_checkpoint(checkpoint_dir) if resume else None
@@ -148,10 +148,10 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
             "gain/val_loss": base["val/loss"] - final["val/loss"],
             "train/loss": history.history["train/loss"][-1][1] if history.history["train/loss"] else None,
             "val/tokens": len(data.val_set) * data.block_size,  # what base/ and the final val/ numbers cover
-            **count.metrics, **throughput.metrics, **merge_check.metrics, **replicas.metrics,
+            **count.metrics, **throughput.metrics, **merge_check.metrics, **replicas.metrics, **analysis.metrics,
         }
         result = {"status": status, "job_type": job_type, "steps": trainer.global_step,
-                  "metrics": metrics, "history": history.history}
+                  "metrics": metrics, "history": history.history, "analysis": analysis.layers}
         if logger is not None and cfg.logger.name == "wandb" and is_rank_zero():  # other ranks hold a dummy run
             logger.experiment.summary.update({**metrics, "status": status})
         return result
