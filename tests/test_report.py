@@ -174,3 +174,12 @@ def test_swept_keys_are_those_whose_values_differ_between_runs():
     assert varying_keys([["lora=default"], ["lora=full"]]) == ["lora"]
     # A single run keeps `false` as typed where a multirun's sweeper writes `False`.
     assert varying_keys([["lora.rank=4", "x.flag=false"], ["lora.rank=8", "x.flag=False"]]) == ["lora.rank"]
+
+
+def test_the_report_links_the_adapter_analysis_once_it_exists(tmp_path):
+    seeded_sweep(tmp_path, {4: [2.1], 8: [2.0]})
+    write_report(tmp_path)
+    assert f"`python -m loralab.analyze {tmp_path}` writes `analysis.md`" in (tmp_path / "report.md").read_text()
+    (tmp_path / "analysis.md").write_text("# analysis\n")
+    write_report(tmp_path)
+    assert "[analysis.md](analysis.md)" in (tmp_path / "report.md").read_text()

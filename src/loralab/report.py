@@ -236,8 +236,16 @@ def report_markdown(sweep_dir: Path, runs: list[Run], settings: list[Setting], s
     parts = [f"# Sweep report: {sweep_dir}", f"{len(runs)} runs: {tally}.",
              "## Settings (mean over completed seeds, 95 % CI)", STATS_NOTE, setting_table,
              "## Comparisons with the best setting", verdicts(settings),
-             "## Runs", table, "## Plots", *plots]
+             "## Runs", table, "## Plots", *plots, "## Inside the adapters", analysis_link(sweep_dir)]
     return "\n\n".join(parts) + "\n"
+
+
+def analysis_link(sweep_dir: Path) -> str:
+    """The LoRA paper's §7 analyses of this sweep's adapters, written by loralab.analyze."""
+    command = f"`python -m loralab.analyze {sweep_dir}`"
+    if (sweep_dir / "analysis.md").is_file():
+        return f"[analysis.md](analysis.md): ΔW spectra, amplification, subspace similarity ({command} rebuilds it)."
+    return f"{command} writes `analysis.md`: ΔW spectra, amplification, subspace similarity between ranks and seeds."
 
 
 # --- settings: the runs of one setting over seeds, and whether settings differ -----
