@@ -227,7 +227,12 @@ class TextDataModule(pl.LightningDataModule):
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
 
-    def train_dataloader(self) -> ResumableLoader:
+    def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # DDP: Lightning shards the data with its DistributedSampler, which it can put only
+            # into a plain DataLoader; a resumed DDP run restarts its epoch (not bit-exact)
+            return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                              generator=torch.Generator().manual_seed(self.seed))
         return ResumableLoader(self.train_set, self.batch_size, self.seed, self.training_progress)
 
     def training_progress(self) -> dict:
