@@ -1,6 +1,7 @@
 """Checkpoints and resume: a killed run or sweep goes on as if never stopped, and no
 finished result is ever overwritten."""
 
+import json
 import os
 import signal
 import subprocess
@@ -208,9 +209,9 @@ def test_a_killed_sweep_is_refused_then_resumed_without_touching_finished_jobs(t
 @pytest.mark.slow
 def test_a_killed_pretraining_goes_on_to_the_same_base(tmp_path, base_cache):
     args = [*TINY, "logger=none", "trainer.max_steps=1", "checkpoint.every_n_steps=10"]
-    if not list(base_cache.glob("base-*.safetensors")):
-        run_train([*args, f"paths.cache_dir={base_cache}", f"hydra.run.dir={tmp_path / 'reference'}"], cwd=tmp_path)
-    (reference,) = base_cache.glob("base-*.safetensors")
+    # the session's cache holds the TINY base (and other tests' bases): a run with TINY finds or makes it
+    run_train([*args, f"paths.cache_dir={base_cache}", f"hydra.run.dir={tmp_path / 'reference'}"], cwd=tmp_path)
+    reference = Path(json.loads((tmp_path / "reference" / "summary.json").read_text())["base"]["path"])
     cache = tmp_path / "cache"
     process = start_train([*args, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'killed'}"], tmp_path)
     assert kill_at_first_checkpoint(process, cache / reference.with_suffix(".ckpt-dir").name / "last.ckpt") == 10
