@@ -201,23 +201,26 @@ def test_optuna_search_writes_the_best_trial_of_the_runs_it_made(tmp_path, base_
 def test_optuna_search_records_failed_and_diverged_trials_and_goes_on(tmp_path, base_cache):
     """The settings of hparams_search=optuna over lr in {-1, 1e30, 3e-3}: lr=-1 fails the
     config check (the job raises), lr=1e30 diverges, and the search still ends with the good
-    trial as its best. Optuna's grid sampler tries each of the three exactly once."""
+    trial as its best. The seeded sampler draws all three in 6 trials (some twice); the sweep
+    exits 1 because a trial failed (issue 10's exit codes), having run every trial."""
     (tmp_path / "conf" / "hparams_search").mkdir(parents=True)
     (tmp_path / "conf" / "hparams_search" / "failures.yaml").write_text(
         "# @package _global_\n"
-        "defaults:\n  - optuna\n  - override /hydra/sweeper/sampler: grid\n  - _self_\n"
+        "defaults:\n  - optuna\n  - _self_\n"
         "hydra:\n  sweeper:\n    params:\n"
         "      lora.rank: choice(4)\n      lora.alpha: choice(8)\n      lora/targets: choice(qv)\n"
         "      optim.lr: choice(-1, 1e30, 3e-3)\n")
     sweep = tmp_path / "sweep"
     result = run_train(["-m", f"--config-dir={tmp_path / 'conf'}", "hparams_search=failures",
-                        "hydra.sweeper.n_trials=3",
+                        "hydra.sweeper.n_trials=6",
                         *TINY, "trainer.gradient_clip_val=null", "logger=none", f"paths.cache_dir={base_cache}",
-                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert len([d for d in sweep.iterdir() if d.name.isdigit()]) == 6  # the search went on after failures
     by_lr = {trial_params(d, ("optim.lr",))["optim.lr"]: summary(d) for d in sweep.iterdir() if d.name.isdigit()}
     assert sorted(by_lr) == [-1, 3e-3, 1e30]
-    assert by_lr[-1]["status"] == "failed" and "optim.lr=-1 is invalid" in by_lr[-1]["error"]
-    assert "Failed experiment: optim.lr=-1 is invalid" in result.stdout  # told to Optuna as FAIL; the search went on
+    assert by_lr[-1]["status"] == "failed" and "optim.lr=-1.0 is invalid" in by_lr[-1]["error"]
+    assert "Failed experiment: optim.lr=-1.0 is invalid" in result.stdout  # told to Optuna as FAIL; the search went on
     assert by_lr[1e30]["status"] == "diverged"
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_params"] == {"lora.rank": 4, "lora.alpha": 8, "optim.lr": 3e-3, "lora/targets": "qv"}
