@@ -46,15 +46,18 @@ LINEAR_SHAPES = {"q_proj": (1, 1), "k_proj": (1, 1), "v_proj": (1, 1), "o_proj":
 
 def expected_trainable(cfg) -> int:
     """What the run must train, counted from its config alone: Σ r·(in + out) over the
-    adapted Linears of every block, or every weight for full fine-tuning."""
-    n_layer, n_embd = cfg.model.n_layer, cfg.model.n_embd
-    if not cfg.lora.enabled:
-        from loralab.config import gpt_config
-        from loralab.model import GPT
+    adapted Linears of every block plus the modules_to_save, or every weight for full fine-tuning."""
+    from loralab.base import build_model
+    from loralab.config import model_config_of
 
-        return sum(p.numel() for p in GPT(gpt_config(cfg.model)).parameters())
+    n_layer, n_embd = cfg.model.n_layer, cfg.model.n_embd
+    model = build_model(model_config_of(cfg.model))
+    if not cfg.lora.enabled:
+        return sum(p.numel() for p in model.parameters())
+    saved = sum(p.numel() for name, module in model.named_modules()
+                if name.rsplit(".", 1)[-1] in cfg.lora.modules_to_save for p in module.parameters())
     targets = LINEAR_SHAPES if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules
-    return n_layer * sum(cfg.lora.rank * n_embd * sum(LINEAR_SHAPES[name]) for name in targets)
+    return n_layer * sum(cfg.lora.rank * n_embd * sum(LINEAR_SHAPES[name]) for name in targets) + saved
 
 
 @pytest.mark.slow
@@ -67,7 +70,9 @@ def test_experiment_runs_a_couple_of_steps_with_its_own_settings(tmp_path, base_
     first, last = sweep_points(experiment)[0], sweep_points(experiment)[-1]
     for i, point in enumerate((first, last)):
         # the tiny model made 128 wide, as wide as the default: room for every experiment's largest rank
-        cfg = compose([f"experiment={experiment}", *point, *TINY, "model.n_embd=128", "trainer.max_steps=2",
+        # (a vision experiment keeps its own small ViT and data, its base pretrained briefly)
+        tiny = ["base.steps=30"] if experiment.startswith("vit") else [*TINY, "model.n_embd=128"]
+        cfg = compose([f"experiment={experiment}", *point, *tiny, "trainer.max_steps=2",
                        "logger=none", f"paths.cache_dir={base_cache}", f"paths.output_dir={tmp_path / str(i)}"])
         best = train(cfg)
         s = read_summary(tmp_path / str(i))

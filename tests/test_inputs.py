@@ -108,7 +108,7 @@ def test_what_the_hardware_runs_as_configured_passes(files):
     ("optim.weight_decay=abc", "optim.weight_decay='abc' is invalid: Value 'abc' of type 'str' could not be "
                                "converted to Float"),
     ("lora.rnak=4", "unknown config key 'lora.rnak': lora has no such key (see `python train.py --cfg job`)"),
-    ("model=huge", "model='huge' is invalid: expected one of ['gpt2', 'medium', 'small', 'tiny']"),
+    ("model=huge", "model='huge' is invalid: expected one of ['gpt2', 'medium', 'small', 'tiny', 'vit_tiny']"),
 ])
 def test_hydra_composition_errors_become_one_line_naming_the_key(override, line):
     from hydra.errors import CompactHydraException

@@ -61,12 +61,12 @@ def test_failing_job_does_not_stop_the_others(tmp_path, base_cache):
     import torch
 
     from loralab.base import save_base
-    from loralab.config import gpt_config
+    from loralab.config import model_config_of
     from loralab.model import GPT
 
     torch.manual_seed(0)
     good, damaged = tmp_path / "good.safetensors", tmp_path / "damaged.safetensors"
-    save_base(GPT(gpt_config(compose(TINY).model)), good)
+    save_base(GPT(model_config_of(compose(TINY).model)), good)
     damaged.write_bytes(good.read_bytes()[:-1000] + bytes(1000))
     sweep = tmp_path / "sweep"
     result = run_train(["-m", f"base.checkpoint={damaged},{good}", *TINY, "logger=none", f"hydra.sweep.dir={sweep}"],
@@ -139,9 +139,9 @@ def test_full_finetuning_trains_every_weight_and_the_adapter_alone_reproduces_th
 def tiny_base_file(base_cache: Path) -> Path:
     """The cached base of the TINY config (the cache also holds other tests' bases)."""
     from loralab.base import load_base
-    from loralab.config import gpt_config
+    from loralab.config import model_config_of
 
-    tiny = gpt_config(compose(TINY).model)
+    tiny = model_config_of(compose(TINY).model)
     [path] = [p for p in base_cache.glob("base-*.safetensors") if load_base(p)[0].config == tiny]
     return path
 

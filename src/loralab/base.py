@@ -25,8 +25,13 @@ from safetensors.torch import load_model, save_model
 
 from loralab.files import atomic_path
 from loralab.model import GPT, GPTConfig
+from loralab.vit import ViT, ViTConfig
 
 log = logging.getLogger(__name__)
+
+
+# the metadata key a base file stores its config under -> (model, config) classes
+ARCHITECTURES = {"gpt_config": (GPT, GPTConfig), "vit_config": (ViT, ViTConfig)}
 
 
 class BaseError(ValueError):
@@ -56,12 +61,13 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def save_base(model: GPT, path: str | Path) -> str:
-    """Weights, GPTConfig and the weights' SHA-256 in one safetensors file, written
-    atomically; returns the hash."""
+def save_base(model: GPT | ViT, path: str | Path) -> str:
+    """Weights, config (GPTConfig or ViTConfig) and the weights' SHA-256 in one safetensors
+    file, written atomically; returns the hash."""
     sha256 = weights_sha256(model)
+    config_key = "vit_config" if isinstance(model, ViT) else "gpt_config"
     with atomic_path(path) as tmp:
-        save_model(model, str(tmp), metadata={"gpt_config": json.dumps(asdict(model.config)), "sha256": sha256})
+        save_model(model, str(tmp), metadata={config_key: json.dumps(asdict(model.config)), "sha256": sha256})
     return sha256
 
 
@@ -73,16 +79,26 @@ def read_base_metadata(path: str | Path) -> dict[str, str]:
             metadata = f.metadata() or {}
     except Exception as e:  # a truncated or overwritten file: safetensors cannot read its header
         raise BaseError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-    if "gpt_config" not in metadata:
-        raise BaseError(f"{path} is not a loralab base checkpoint (no gpt_config in its metadata)")
+    if not metadata.keys() & ARCHITECTURES.keys():
+        raise BaseError(f"{path} is not a loralab base checkpoint (no model config in its metadata)")
     return metadata
 
 
-def load_base(path: str | Path) -> tuple[GPT, str]:
-    """The base GPT in ``path`` and its weights' SHA-256, verified; BaseError if the file
+def config_of_base(metadata: dict[str, str]) -> GPTConfig | ViTConfig:
+    """The model config a base file's metadata holds."""
+    (key,) = metadata.keys() & ARCHITECTURES.keys()
+    return ARCHITECTURES[key][1](**json.loads(metadata[key]))
+
+
+def build_model(config: GPTConfig | ViTConfig) -> GPT | ViT:
+    return ViT(config) if isinstance(config, ViTConfig) else GPT(config)
+
+
+def load_base(path: str | Path) -> tuple[GPT | ViT, str]:
+    """The base model in ``path`` and its weights' SHA-256, verified; BaseError if the file
     is not a loralab base or its weights are not the ones it was saved with."""
     metadata = read_base_metadata(path)
-    model = GPT(GPTConfig(**json.loads(metadata["gpt_config"])))
+    model = build_model(config_of_base(metadata))
     try:
         load_model(model, str(path))
     except Exception as e:
@@ -94,7 +110,7 @@ def load_base(path: str | Path) -> tuple[GPT, str]:
     return model, sha256
 
 
-def cache_key(model_config: GPTConfig, base_cfg: DictConfig, corpus_fingerprint: str) -> str:
+def cache_key(model_config: GPTConfig | ViTConfig, base_cfg: DictConfig, corpus_fingerprint: str) -> str:
     """Everything that determines a pretrained base, hashed."""
     settings = OmegaConf.to_container(base_cfg)
     settings.pop("checkpoint")
@@ -102,8 +118,8 @@ def cache_key(model_config: GPTConfig, base_cfg: DictConfig, corpus_fingerprint:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cached_base(model_config: GPTConfig, base_cfg: DictConfig, corpus_fingerprint: str, cache_dir: str | Path,
-                pretrain) -> tuple[GPT, BaseIdentity]:
+def cached_base(model_config: GPTConfig | ViTConfig, base_cfg: DictConfig, corpus_fingerprint: str,
+                cache_dir: str | Path, pretrain) -> tuple[GPT | ViT, BaseIdentity]:
     """The cached base for these settings, pretrained with ``pretrain(checkpoint_dir)`` on a
     miss or when the cached file is damaged. Pretraining checkpoints into
     ``base-<key>.ckpt-dir`` beside the base file, so a killed pretraining goes on from

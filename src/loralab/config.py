@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
-import json
 import math
 import typing
 from pathlib import Path
@@ -23,12 +22,14 @@ import torch
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.base import BaseError, read_base_metadata
+from loralab.base import BaseError, build_model, config_of_base, read_base_metadata
 from loralab.data import CORPORA, ByteTokenizer, corpus_splits, read_text_file, tokenizer_of
 from loralab.gpt2 import WEIGHTS, read_gpt2_config
 from loralab.lora import LoRAConfig, inject_lora
-from loralab.model import GPT, GPTConfig
+from loralab.model import GPTConfig
 from loralab.schema import TrainConfig
+from loralab.vision_data import DIGIT_CORPORA
+from loralab.vit import ViTConfig
 
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 WANDB_MODES = ("auto", "offline", "online", "disabled")
@@ -99,9 +100,11 @@ def validate(cfg: DictConfig) -> None:
         base_config = check_model_and_lora(cfg, problems, skip={where for _, where in unknown})
         tokenizer = None if base_config is None else problems.build(  # a GPT-2 tokenizer needs `tokenizers`
             "model.pretrained", lambda: tokenizer_of(cfg.model.pretrained))
-        check_data(cfg.data, "data", problems, base_config, tokenizer)
+        corpora = tuple(DIGIT_CORPORA) if cfg.model.kind == "vit" else CORPORA
+        text_config = base_config if isinstance(base_config, GPTConfig) else None  # images need no block check
+        check_data(cfg.data, "data", problems, text_config, tokenizer, corpora)
         pretrains = not cfg.model.pretrained and not cfg.base.checkpoint
-        check_data(cfg.base, "base", problems, base_config if pretrains else None, ByteTokenizer())
+        check_data(cfg.base, "base", problems, text_config if pretrains else None, ByteTokenizer(), corpora)
         check_training(cfg, problems)
         check_hardware(cfg.trainer, problems)
         problems.finite(OmegaConf.to_container(cfg, resolve=False))
@@ -124,12 +127,14 @@ def unknown_keys(cfg: DictConfig, schema: type = TrainConfig, prefix: str = "") 
     return unknown
 
 
-def check_model_and_lora(cfg: DictConfig, problems: Problems, skip: set[str]) -> GPTConfig | None:
+def check_model_and_lora(cfg: DictConfig, problems: Problems, skip: set[str]) -> GPTConfig | ViTConfig | None:
     """Check the model and LoRA sections (but those in ``skip``: they have unknown keys);
     return the config of the base the run will fine-tune (a GPT-2 directory's, a
     checkpoint's, or the model section's), or None."""
-    model_config = None if "model" in skip else problems.build("model", lambda: gpt_config(cfg.model))
-    if model_config is not None and not cfg.model.pretrained:
+    model_config = None if "model" in skip else problems.build("model", lambda: model_config_of(cfg.model))
+    problems.require(cfg.model.kind == "gpt" or not cfg.model.pretrained, "model.pretrained", cfg.model.pretrained,
+                     "null with model.kind=vit (a pretrained directory holds a GPT-2)")
+    if isinstance(model_config, GPTConfig) and not cfg.model.pretrained:
         problems.require(model_config.vocab_size >= ByteTokenizer.vocab_size, "model.vocab_size",
                          model_config.vocab_size, f"at least {ByteTokenizer.vocab_size} for the byte tokenizer")
     if cfg.model.pretrained:
@@ -143,7 +148,7 @@ def check_model_and_lora(cfg: DictConfig, problems: Problems, skip: set[str]) ->
                      "'none' with lora.enabled=false (lora=full trains every weight: none can stay quantized)")
     if lora_config is not None and base_config is not None:
         with torch.device("meta"):  # rank against the real layer shapes, at no cost
-            problems.build("lora", lambda: inject_lora(GPT(base_config), lora_config))
+            problems.build("lora", lambda: inject_lora(build_model(base_config), lora_config))
     return base_config
 
 
@@ -164,26 +169,25 @@ def pretrained_config(directory: str, problems: Problems) -> GPTConfig | None:
     return config
 
 
-def checkpoint_config(path: str, problems: Problems) -> GPTConfig | None:
+def checkpoint_config(path: str, problems: Problems) -> GPTConfig | ViTConfig | None:
     """The GPTConfig in a loralab base file's header (its weights are not read here)."""
     allowed = "a base-*.safetensors file written by loralab, or null to pretrain"
     if not Path(path).expanduser().is_file():
         problems.require(False, "base.checkpoint", path, f"{allowed}; there is no such file")
         return None
     try:
-        metadata = read_base_metadata(Path(path).expanduser())
-        return GPTConfig(**json.loads(metadata["gpt_config"]))
+        return config_of_base(read_base_metadata(Path(path).expanduser()))
     except (BaseError, ValueError, TypeError) as e:
         problems.require(False, "base.checkpoint", path, f"{allowed}; {e}")
         return None
 
 
 def check_data(node: DictConfig, section: str, problems: Problems, base_config: GPTConfig | None = None,
-               tokenizer=None) -> None:
+               tokenizer=None, corpora: tuple[str, ...] = CORPORA) -> None:
     """The section's keys, its files (readable UTF-8 text) and, given the base's config, that
     the train and the validation split each hold at least one block of the model."""
     before = len(problems.lines)
-    problems.require(node.corpus in CORPORA, f"{section}.corpus", node.corpus, f"one of {list(CORPORA)}")
+    problems.require(node.corpus in corpora, f"{section}.corpus", node.corpus, f"one of {list(corpora)}")
     if node.corpus == "text" and node.get("train_path") is None:
         problems.lines.append(f"{section}.train_path is required with {section}.corpus=text "
                               f"(add {section}.train_path=my.txt)")
@@ -329,8 +333,13 @@ def precision_problem(precision: str, device: str) -> str | None:
     return None
 
 
-def gpt_config(model_cfg: DictConfig) -> GPTConfig:
-    return GPTConfig(**{k: v for k, v in model_cfg.items() if k != "pretrained"})
+def model_config_of(model_cfg: DictConfig) -> GPTConfig | ViTConfig:
+    """The GPTConfig (``kind=gpt``) or ViTConfig (``kind=vit``) the model section describes."""
+    kinds = {"gpt": GPTConfig, "vit": ViTConfig}
+    if model_cfg.kind not in kinds:
+        raise ValueError(f"model.kind={model_cfg.kind!r} is invalid: expected one of {list(kinds)}")
+    config_class = kinds[model_cfg.kind]
+    return config_class(**{f.name: model_cfg[f.name] for f in dataclasses.fields(config_class)})
 
 
 def lora_config_of(lora_cfg: DictConfig) -> LoRAConfig | None:

@@ -49,6 +49,8 @@ class LoRAConfig:
     regular expression matched against full module names (``r".*\\.h\\.0\\..*"``),
     or ``"all-linear"`` (every ``nn.Linear`` except ``lm_head``). ``quantize`` (``int8`` or
     ``nf4``) stores the frozen base's Linears quantized (QLoRA; see ``loralab.quant``).
+    ``modules_to_save`` (PEFT's name) are modules trained in full beside the adapters, by
+    leaf name (a new classification ``head``); their weights are saved with the adapter.
     """
 
     rank: int = 8
@@ -58,10 +60,12 @@ class LoRAConfig:
     scaling: str = "standard"
     init: str = "kaiming"
     quantize: str = "none"
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        self.modules_to_save = list(self.modules_to_save)
         _require_field(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
                        "rank", self.rank, "a positive integer")
         _require_field(isinstance(self.alpha, (int, float)) and 0 < self.alpha < math.inf, "alpha", self.alpha,
@@ -338,10 +342,15 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> list[str]:
     _require_unmerged(model, "adding an adapter")
     _require_quantization(model, name, config.quantize)
     targets = _validated_targets(model, config)
+    saved = modules_to_save(model, config.modules_to_save)
+    if clash := sorted(set(targets) & set(saved)):
+        raise ValueError(f"LoRA modules_to_save={config.modules_to_save!r} are also LoRA targets: {clash}")
     active = active_adapter(model) or name
     if active == name:
         quantize_linears(model, config.quantize)  # QLoRA quantizes the whole frozen base, not only the targets
         model.requires_grad_(False)
+        for module in saved.values():  # trained in full beside the adapter
+            module.requires_grad_(True)
     for target in targets:
         layer = model.get_submodule(target)
         if isinstance(layer, LoRALinear):
@@ -351,6 +360,20 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> list[str]:
             replace_module(model, target, layer)
         layer.set_adapter(active)
     return targets
+
+
+def modules_to_save(model: nn.Module, leaves: list[str]) -> dict[str, nn.Module]:
+    """The modules whose leaf name is in ``leaves``, by full name; ValueError for a leaf that
+    names none. They are shared by all adapters of a model: loading an adapter overwrites them."""
+    found = {name: m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in leaves}
+    if missing := sorted(set(leaves) - {name.rsplit(".", 1)[-1] for name in found}):
+        raise ValueError(f"LoRA modules_to_save={leaves!r}: {missing} name no module of {type(model).__name__}")
+    return found
+
+
+def _saved_state_dict(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": value.detach() for name, module in modules_to_save(model, config.modules_to_save).items()
+            for key, value in module.state_dict().items()}
 
 
 def _require_quantization(model: nn.Module, name: str, quantize: str) -> None:
@@ -580,7 +603,8 @@ def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, ba
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    weights = {**lora_state_dict(model), **_saved_state_dict(model, config)}
+    tensors = {k: v.contiguous().cpu() for k, v in weights.items()}
     save_file(tensors, directory / ADAPTER_WEIGHTS)
     meta = {"lora": asdict(config), "adapted_modules": sorted(lora_layers(model))}
     if base is not None:
@@ -605,13 +629,26 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     config = LoRAConfig(**meta["lora"])
     name = name or DEFAULT_ADAPTER
     weights = load_file(directory / ADAPTER_WEIGHTS, device=str(next(model.parameters()).device))
+    saved = _saved_state_dict(model, config)
     add_adapter(model, name, config)
     try:
-        load_lora_state_dict(model, weights, name)
+        load_lora_state_dict(model, {k: v for k, v in weights.items() if k not in saved}, name)
+        load_saved_modules(saved, weights)
     except ValueError:
         delete_adapter(model, name)  # leave the model with the adapters it had
         raise
     return config
+
+
+@torch.no_grad()
+def load_saved_modules(saved: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """Copy the modules_to_save weights of an adapter file into the model's tensors ``saved``."""
+    for key, tensor in saved.items():  # all checked before any is changed
+        if key not in weights or weights[key].shape != tensor.shape:
+            raise ValueError(f"adapter does not fit this model: modules_to_save weight {key} is missing or has "
+                             f"another shape than {tuple(tensor.shape)}")
+    for key, tensor in saved.items():
+        tensor.copy_(weights[key])
 
 
 def _require_same_base(recorded: dict | None, expected_sha256: str | None, directory: Path) -> None:

@@ -1,4 +1,5 @@
-"""The LightningModule: next-token training of a GPT's trainable parameters."""
+"""The LightningModule: next-token training of a GPT's trainable parameters (or image
+classification with a ViT's)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from loralab.model import GPT
+from loralab.vit import ViT
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float):
@@ -27,16 +29,16 @@ class LitGPT(pl.LightningModule):
     """Trains whatever in ``model`` requires grad: the LoRA adapters, or every weight
     for full fine-tuning. A non-finite training loss stops the run as diverged."""
 
-    def __init__(self, model: GPT, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
+    def __init__(self, model: GPT | ViT, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
                  warmup_steps: int = 0, min_lr_ratio: float = 0.1, max_steps: int = 1):
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.schedule = warmup_cosine(warmup_steps, max_steps, min_lr_ratio)
-        vocab_size = model.config.vocab_size
+        n_classes = model.config.n_classes if isinstance(model, ViT) else model.config.vocab_size
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=-1)
-        self.val_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=-1)
+        self.val_acc = MulticlassAccuracy(num_classes=n_classes, average="micro", ignore_index=-1)
         self.diverged = False
 
     def training_step(self, batch, batch_idx):
@@ -51,7 +53,9 @@ class LitGPT(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        logits, loss = self.model(x, y)  # (B, T, vocab)
+        logits, loss = self.model(x, y)  # (B, T, vocab), or (B, n_classes) for a ViT
+        if y.dim() == 1:  # one class per image: a sequence of one token to the metrics
+            logits, y = logits[:, None], y[:, None]  # (B, 1, n_classes), (B, 1)
         self.val_loss.update(loss, weight=y.numel())
         self.val_ppl.update(logits, y)
         self.val_acc.update(logits.reshape(-1, logits.size(-1)), y.reshape(-1))

@@ -19,10 +19,10 @@ import pytorch_lightning as pl
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
+from loralab.base import BaseIdentity, build_model, cached_base, load_base, weights_sha256
 from loralab.callbacks import AdapterAnalysis, History, MergeCheck, ParameterCount, StepProgressBar, Throughput
 from loralab.checkpoints import AtomicCheckpointIO, LastCheckpoint, finished_summary, last_checkpoint
-from loralab.config import ConfigError, gpt_config, lora_config_of, validate
+from loralab.config import ConfigError, lora_config_of, model_config_of, validate
 from loralab.console import silence_known_noise
 from loralab.data import TextDataModule, tokenizer_of
 from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, run_only_this_job
@@ -33,6 +33,8 @@ from loralab.lora import inject_lora, save_adapter
 from loralab.model import GPT
 from loralab.module import LitGPT
 from loralab.provenance import provenance
+from loralab.vision_data import DigitsDataModule
+from loralab.vit import ViT
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,12 @@ def train(cfg: DictConfig) -> float:
         model, base = base_model(cfg, identity)
         summary["base"] = base.to_dict()
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed,
-                              tokenizer=tokenizer_of(cfg.model.pretrained), **cfg.data)
+        if isinstance(model, ViT):
+            data = DigitsDataModule(cfg.data.corpus, cfg.data.batch_size, cfg.data.val_fraction, cfg.seed)
+            ViT._init_weights(model.head)  # the base's head classified other digits: a new one, from this seed
+        else:
+            data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed,
+                                  tokenizer=tokenizer_of(cfg.model.pretrained), **cfg.data)
         lora_config = lora_config_of(cfg.lora)
         if lora_config is not None:
             adapted = inject_lora(model, lora_config)
@@ -85,23 +91,26 @@ def train(cfg: DictConfig) -> float:
                 print_result(summary)
 
 
-def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT, BaseIdentity]:
-    """The base GPT and its identity: a Hugging Face GPT-2 directory, a given checkpoint,
-    or the cached pretraining for these settings."""
+def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseIdentity]:
+    """The base model and its identity: a Hugging Face GPT-2 directory, a given checkpoint,
+    or the cached pretraining for these settings (a ViT pretrains on ``base.corpus``'s digits)."""
     if cfg.model.pretrained:
         model = load_gpt2(cfg.model.pretrained, dropout=cfg.model.dropout)
         return model, BaseIdentity("gpt2", str(Path(cfg.model.pretrained).resolve()), weights_sha256(model))
     if cfg.base.checkpoint:
         model, sha256 = load_base(cfg.base.checkpoint)
         return model, BaseIdentity("checkpoint", str(Path(cfg.base.checkpoint).resolve()), sha256)
-    data = TextDataModule(block_size=cfg.model.block_size, seed=cfg.base.seed, corpus=cfg.base.corpus,
-                          max_bytes=cfg.base.max_bytes, val_fraction=cfg.base.val_fraction,
-                          batch_size=cfg.base.batch_size)
-    model_config = gpt_config(cfg.model)
+    if cfg.model.kind == "vit":
+        data = DigitsDataModule(cfg.base.corpus, cfg.base.batch_size, cfg.base.val_fraction, cfg.base.seed)
+    else:
+        data = TextDataModule(block_size=cfg.model.block_size, seed=cfg.base.seed, corpus=cfg.base.corpus,
+                              max_bytes=cfg.base.max_bytes, val_fraction=cfg.base.val_fraction,
+                              batch_size=cfg.base.batch_size)
+    model_config = model_config_of(cfg.model)
 
-    def pretrain(checkpoint_dir: Path) -> GPT:
+    def pretrain(checkpoint_dir: Path) -> GPT | ViT:
         pl.seed_everything(cfg.base.seed, workers=True, verbose=False)
-        model = GPT(model_config)
+        model = build_model(model_config)
         optim = {"lr": cfg.base.lr, "warmup_steps": cfg.base.warmup_steps}
         fit(cfg, model, data, identity, job_type="pretrain", optim=optim, max_steps=cfg.base.steps,
             checkpoint_dir=checkpoint_dir, resume=True)  # a killed pretraining always goes on: same settings

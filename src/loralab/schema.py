@@ -24,6 +24,7 @@ from hydra.core.config_store import ConfigStore
 
 from loralab.lora import LoRAConfig
 from loralab.model import GPTConfig
+from loralab.vit import ViTConfig
 
 
 def schema_of(cls: type, name: str, extra: list[tuple]) -> type:
@@ -40,8 +41,13 @@ def schema_of(cls: type, name: str, extra: list[tuple]) -> type:
     return make_dataclass(name, own + extra)
 
 
+# kind=vit builds loralab.vit.ViT from the shared keys (n_layer, n_head, n_embd, dropout, bias)
+# and the image ones below; the GPT's own keys (vocab_size, ...) are then unused
+VIT_ONLY = [f for f in fields(ViTConfig) if f.name not in {g.name for g in fields(GPTConfig)}]
 ModelConfig = schema_of(GPTConfig, "ModelConfig", [
     ("pretrained", Optional[str], field(default=None)),  # a local Hugging Face GPT-2 directory
+    ("kind", str, field(default="gpt")),  # gpt | vit
+    *[(f.name, int, field(default=f.default)) for f in VIT_ONLY],  # image_size, patch_size, ...: integers
 ])
 LoRASection = schema_of(LoRAConfig, "LoRASection", [
     ("enabled", bool, field(default=True)),  # false: the full fine-tuning baseline
