@@ -353,3 +353,18 @@ def test_analyze_cli_without_base_weights_says_what_it_left_out(tiny_sweep, tmp_
     given = write_analysis(copy, base=base_file).read_text()  # --base FILE
     assert "No base weights" not in given
     assert all(number(row["amplification"]) > 0 for row in markdown_rows(given, "| job |"))
+
+
+def test_the_analysis_of_a_qlora_layer_uses_its_dequantized_base():
+    from loralab.lora import LoRAConfig, inject_lora, lora_layers
+    from loralab.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=64))
+    inject_lora(model, LoRAConfig(rank=2, quantize="nf4"))
+    layer = next(iter(lora_layers(model).values()))
+    torch.nn.init.normal_(layer.lora_B)
+    [row, *_] = analyze_model(model)
+    expected = analyze_update(layer.lora_A, layer.lora_B, layer.scale,
+                              layer.base_layer.dequantize_weight().double())
+    assert row["amplification"] == pytest.approx(expected["amplification"])

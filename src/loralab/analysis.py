@@ -100,7 +100,9 @@ def analyze_model(model: nn.Module) -> list[dict]:
     """One row per ``LoRALinear`` of ``model``: its name and ``analyze_update`` against its frozen W."""
     rows = []
     for name, layer in lora_layers(model).items():
-        weight = layer.weight.detach().double()
+        # a QLoRA base holds W quantized: the analysis is of the W the layer computes with
+        frozen = layer.weight if layer.base_layer is None else layer.base_layer.dequantize_weight()
+        weight = frozen.detach().double()
         if layer.merged:  # W holds W + ΔW: take the update back out
             weight = weight - layer.delta_weight().double()
         rows.append({"layer": name, **analyze_update(layer.lora_A, layer.lora_B, layer.scale, weight)})
