@@ -54,9 +54,17 @@ def rank_sweep(tmp_path_factory, base_cache) -> tuple[Path, subprocess.Completed
     return sweep_dir, result
 
 
+def user_env() -> dict:
+    """The environment of a user's shell: W&B offline, and not the W&B service this test
+    process may have started (WANDB_SERVICE): a ``train.py`` sharing it would find its own
+    killed run still registered there ("run ID is in use")."""
+    env = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
+    return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
 def run_train(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` in a fresh process, as a user runs it."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    env = {**user_env(), "HYDRA_FULL_ERROR": "0"}
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:

@@ -4,7 +4,6 @@ survives its inputs, a quiet console, and provenance (issue 10)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import yaml
 from loralab.config import ConfigError, validate
 from loralab.exits import EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILED, config_error_lines, sweep_exit_code
 
-from conftest import ROOT, TINY, compose
+from conftest import ROOT, TINY, compose, user_env
 from conftest import read_summary as summary
 from wandb_offline import offline_runs
 
@@ -129,12 +128,10 @@ def test_a_sweep_exits_with_its_worst_outcome():
 
 
 def train_py(args: list[str], cwd: Path, quiet_wandb: bool = True) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    env = user_env()
     env.pop("HYDRA_FULL_ERROR", None)
-    if quiet_wandb:
-        env["WANDB_SILENT"] = "true"
-    else:
-        env.pop("WANDB_SILENT", None)
+    if not quiet_wandb:
+        env.pop("WANDB_SILENT")
     started = time.time()
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=600)

@@ -23,7 +23,7 @@ from loralab.model import GPT, GPTConfig
 from loralab.module import LitGPT
 from loralab.resume import SweepDirError, jobs_to_run
 
-from conftest import ROOT, TINY, read_summary, run_train
+from conftest import ROOT, TINY, read_summary, run_train, user_env
 
 # metrics that measure the machine, not the run: they differ between any two runs
 TIMINGS = ("perf/step_s", "perf/tokens_per_s", "perf/peak_mem_mb")
@@ -134,7 +134,7 @@ def test_a_job_dir_is_never_reused_for_another_job(tmp_path):
 
 def start_train(args: list[str], cwd: Path) -> subprocess.Popen:
     """``python train.py ARGS`` in its own process group, as a scheduler starts a job."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = user_env()
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
