@@ -38,8 +38,7 @@ from loralab.analysis import analyze_adapter, random_subspace_similarity, subspa
 from loralab.base import BaseError, load_base, load_recorded_base
 from loralab.files import write_atomic
 from loralab.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_scale
-from loralab.overrides import declared_sweep, swept_overrides, varying_keys
-from loralab.report import job_order
+from loralab.overrides import declared_sweep, job_order, swept_overrides, varying_keys
 
 RANK_KEY, SEED_KEY = "lora.rank", "seed"
 # (row name in analysis.md, per-layer value of loralab.analysis)

@@ -29,6 +29,7 @@ from loralab.base import BaseError, load_recorded_base
 from loralab.files import write_atomic
 from loralab.lora import ADAPTER_CONFIG, disable_adapter, load_adapter, set_adapter
 from loralab.model import GPT
+from loralab.overrides import job_order
 
 BASE = "base (no adapter)"
 
@@ -36,8 +37,7 @@ BASE = "base (no adapter)"
 def completed_jobs(sweep_dir: Path) -> list[tuple[str, Path]]:
     """(run name, job directory) of every job that left a completed LoRA adapter, in job order."""
     jobs = []
-    for job_dir in sorted(sweep_dir.iterdir(), key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit()
-                                                              else 0, d.name)):
+    for job_dir in sorted(sweep_dir.iterdir(), key=job_order):
         summary = job_dir / "summary.json"
         if (job_dir / "adapter" / ADAPTER_CONFIG).is_file() and summary.is_file():
             s = json.loads(summary.read_text())

@@ -24,6 +24,7 @@ import yaml
 from loralab.base import BaseError, load_recorded_base
 from loralab.lora import ADAPTER_CONFIG, LoRAConfig, load_adapter
 from loralab.model import GPT
+from loralab.overrides import HYDRA_OVERRIDES
 
 
 def load_finetuned(run_dir: str | Path) -> tuple[GPT, LoRAConfig, dict]:
@@ -47,7 +48,7 @@ def load_finetuned(run_dir: str | Path) -> tuple[GPT, LoRAConfig, dict]:
 def how_to_rebuild(run_dir: Path, base: dict) -> str:
     if base["source"] != "cache":
         return "Put that file back where it was (the run loaded it from there)."
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides_file = run_dir / HYDRA_OVERRIDES
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
     return ("Pretraining is deterministic: running `python train.py " + " ".join(overrides) +
             f"` from the directory that holds {Path(base['path']).parent} pretrains the same base again")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+HYDRA_OVERRIDES = ".hydra/overrides.yaml"  # Hydra writes it into the job directory before the job starts
 MULTIRUN_YAML = "multirun.yaml"  # Hydra's sweepers write it into the sweep directory before any job starts
 
 
@@ -82,3 +83,8 @@ def declared_jobs(sweep_dir: str | Path) -> list[list[str]] | None:
     arguments = [f"{key}={value}" for key, value in params.items()] + list(hydra.overrides.task)  # as the sweeper
     batches = LoRASweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
     return [job for batch in batches for job in batch]
+
+
+def job_order(job_dir: Path) -> tuple:
+    """Sort key of a sweep's job directories: Hydra's job numbers in numeric order, then the rest by name."""
+    return (0, int(job_dir.name), "") if job_dir.name.isdigit() else (1, 0, job_dir.name)

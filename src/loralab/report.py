@@ -30,9 +30,11 @@ from hydra.experimental.callback import Callback
 from loralab import stats
 from loralab.files import write_atomic
 from loralab.overrides import (
+    HYDRA_OVERRIDES,
     MULTIRUN_YAML,
     declared_jobs,
     declared_sweep,
+    job_order,
     parse_overrides,
     swept_overrides,
     varying_keys,
@@ -55,7 +57,6 @@ METRICS = {
 COLUMNS = ["job", "overrides", "status", *METRICS, "wall_time_s", "error"]
 RANK_KEY = "lora.rank"
 SEED_KEY = "seed"
-HYDRA_OVERRIDES = ".hydra/overrides.yaml"  # Hydra writes it into the job directory before the job starts
 NO_SUMMARY = "no summary.json: still running, or killed before it could write one (see the job's log)"
 NOT_STARTED = "declared by the sweep (multirun.yaml), never started"
 ERROR_CHARS = 120  # of an error in the Markdown table; the CSV keeps all of it
@@ -146,10 +147,6 @@ def load_runs(sweep_dir: Path) -> list[Run]:
     for run in runs:
         run.swept = swept_overrides(run.overrides, swept)
     return runs
-
-
-def job_order(job_dir: Path) -> tuple:
-    return (0, int(job_dir.name), "") if job_dir.name.isdigit() else (1, 0, job_dir.name)
 
 
 def read_run(job_dir: Path) -> Run:

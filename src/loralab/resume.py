@@ -16,8 +16,7 @@ import yaml
 from hydra.errors import CompactHydraException
 
 from loralab.checkpoints import finished_summary
-from loralab.overrides import without_resume
-from loralab.report import HYDRA_OVERRIDES
+from loralab.overrides import HYDRA_OVERRIDES, without_resume
 
 
 class SweepDirError(CompactHydraException, ValueError):
