@@ -1,6 +1,7 @@
 """Checkpoints and resume: a killed run or sweep goes on as if never stopped, and no
 finished result is ever overwritten."""
 
+import csv
 import json
 import os
 import signal
@@ -182,6 +183,25 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(tmp_path, base_cache):
     assert (killed / adapter).read_bytes() == (tmp_path / "whole" / adapter).read_bytes()
     run_id = (killed / "checkpoints/wandb-run-id").read_text()
     assert sorted(p.name.rsplit("-", 1)[1] for p in (killed / "wandb").glob("offline-run-*")) == [run_id, run_id]
+
+
+def csv_rows(run_dir: Path, job_type: str = "finetune") -> list[dict]:
+    """The rows of the run's CSV log, without the columns that time the run."""
+    with (run_dir / "csv" / job_type / "metrics.csv").open(newline="") as f:
+        return [{k: v for k, v in row.items() if k not in TIMINGS and v != ""} for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_a_resumed_csv_log_keeps_the_rows_logged_before_the_kill(tmp_path, base_cache):
+    args = [*RESUMABLE, f"paths.cache_dir={base_cache}", "logger=csv"]
+    run_train([*args, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path)
+    killed = tmp_path / "killed"
+    kill_at_first_checkpoint(start_train([*args, f"hydra.run.dir={killed}"], tmp_path),
+                             killed / "checkpoints/last.ckpt")
+    before = csv_rows(killed)
+    assert before and max(int(row["step"]) for row in before) == 5  # steps 0-5 reached the file by the checkpoint
+    run_train([*args, f"hydra.run.dir={killed}", "resume=true"], cwd=tmp_path)
+    assert csv_rows(killed) == csv_rows(tmp_path / "whole")  # every row, in the same order
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ share a W&B run.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import netrc
@@ -97,13 +98,14 @@ def _netrc_has_wandb() -> bool:
         return False
 
 
-def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str, checkpoint_dir: Path):
-    """The Lightning logger ``cfg.logger`` names, or None. A W&B run keeps its id beside the
-    run's checkpoints, so a resumed run goes on logging into the same W&B run."""
+def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str, checkpoint_dir: Path,
+                resume_from: str | None = None):
+    """The Lightning logger ``cfg.logger`` names, or None. A run resumed from the checkpoint
+    ``resume_from`` keeps what it logged before: a W&B run keeps its id beside the run's
+    checkpoints and goes on logging into the same W&B run; a CSV log keeps its rows."""
     kind, save_dir = cfg.logger.name, cfg.paths.output_dir
     if kind == "csv":
-        from pytorch_lightning.loggers import CSVLogger
-        return CSVLogger(save_dir, name="csv", version=job_type)
+        return resumable_csv_logger(save_dir, job_type, cfg.checkpoint.every_n_steps, resume_from)
     if kind == "tensorboard":
         from pytorch_lightning.loggers import TensorBoardLogger
         return TensorBoardLogger(save_dir, name="tensorboard", version=job_type)
@@ -125,6 +127,36 @@ def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str, checkpoin
                          settings=wandb.Settings(quiet=True))
         return WandbLogger(experiment=run, save_dir=save_dir)
     return None
+
+
+def resumable_csv_logger(save_dir: str, job_type: str, every_n_steps: int, resume_from: str | None):
+    """Lightning's CSVLogger, written out at every checkpoint, so that the file holds every step
+    a checkpoint holds. A resumed run gets those rows back (Lightning's writer deletes the file
+    it finds) and writes them after the rows it logs again before fitting (the base's
+    evaluation, the parameter counts), where the uninterrupted run has them."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    class ResumedCSVLogger(CSVLogger):
+        carried: list[dict] = []
+        resumed_at = 0
+
+        def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+            if self.carried and step is not None and step >= self.resumed_at:
+                self.experiment.metrics.extend(self.carried)
+                self.carried = []
+            super().log_metrics(metrics, step)
+
+    logger = ResumedCSVLogger(save_dir, name="csv", version=job_type, flush_logs_every_n_steps=every_n_steps)
+    path = Path(logger.log_dir) / "metrics.csv"
+    if resume_from is not None and path.is_file():
+        import torch
+        logger.resumed_at = torch.load(resume_from, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        fitting = next((i for i, row in enumerate(rows) if row.get("train/loss")), len(rows))
+        logger.carried = [{k: v for k, v in row.items() if v != ""}
+                          for row in rows[fitting:] if int(row["step"]) < logger.resumed_at]
+    return logger
 
 
 def wandb_run_id(path: Path) -> str:

@@ -134,7 +134,7 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
         callbacks.append(StepProgressBar(job_type))
     resume_from = last_checkpoint(checkpoint_dir) if resume else None
     module = LitGPT(model, max_steps=max_steps, **optim)
-    logger = make_logger(cfg, identity, job_type, checkpoint_dir)
+    logger = make_logger(cfg, identity, job_type, checkpoint_dir, resume_from)
     trainer_args = {**cfg.trainer, "max_steps": max_steps}
     if job_type == "pretrain":  # in one process, before DDP starts the other ranks (they wait on its cache)
         trainer_args.update(strategy="auto", devices=1, num_nodes=1)
