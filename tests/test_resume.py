@@ -185,23 +185,31 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(tmp_path, base_cache):
     assert sorted(p.name.rsplit("-", 1)[1] for p in (killed / "wandb").glob("offline-run-*")) == [run_id, run_id]
 
 
-def csv_rows(run_dir: Path, job_type: str = "finetune") -> list[dict]:
-    """The rows of the run's CSV log, without the columns that time the run."""
-    with (run_dir / "csv" / job_type / "metrics.csv").open(newline="") as f:
+def csv_log(run_dir: Path) -> list[dict]:
+    """The rows of the run's CSV log, in order, without the columns that time the run."""
+    with (run_dir / "csv/finetune/metrics.csv").open(newline="") as f:
         return [{k: v for k, v in row.items() if k not in TIMINGS and v != ""} for row in csv.DictReader(f)]
 
 
+def tensorboard_log(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each scalar's (step, value) points as TensorBoard shows them, the timings left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tensorboard/finetune"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"] if tag not in TIMINGS}
+
+
 @pytest.mark.slow
-def test_a_resumed_csv_log_keeps_the_rows_logged_before_the_kill(tmp_path, base_cache):
-    args = [*RESUMABLE, f"paths.cache_dir={base_cache}", "logger=csv"]
+@pytest.mark.parametrize("logger, read_log", [("csv", csv_log), ("tensorboard", tensorboard_log)])
+def test_a_resumed_log_holds_what_an_uninterrupted_one_does(tmp_path, base_cache, logger, read_log):
+    args = [*RESUMABLE, f"paths.cache_dir={base_cache}", f"logger={logger}"]
     run_train([*args, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path)
     killed = tmp_path / "killed"
     kill_at_first_checkpoint(start_train([*args, f"hydra.run.dir={killed}"], tmp_path),
                              killed / "checkpoints/last.ckpt")
-    before = csv_rows(killed)
-    assert before and max(int(row["step"]) for row in before) == 5  # steps 0-5 reached the file by the checkpoint
     run_train([*args, f"hydra.run.dir={killed}", "resume=true"], cwd=tmp_path)
-    assert csv_rows(killed) == csv_rows(tmp_path / "whole")  # every row, in the same order
+    assert read_log(killed) == read_log(tmp_path / "whole")
 
 
 @pytest.mark.slow

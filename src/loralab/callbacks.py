@@ -35,7 +35,8 @@ class ParameterCount(pl.Callback):
         self.metrics = {"params/trainable": trainable, "params/total": total,
                         "params/trainable_pct": 100 * trainable / total,
                         "params/lora_analytic": analytic_lora_parameters(pl_module.model)}
-        log_to_loggers(trainer, self.metrics)
+        if trainer.ckpt_path is None:  # a resumed run's loggers have them from before the kill
+            log_to_loggers(trainer, self.metrics)
 
 
 class Throughput(pl.Callback):

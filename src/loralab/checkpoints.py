@@ -72,6 +72,11 @@ def last_checkpoint(directory: str | Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The global step a Lightning checkpoint was saved at (memory-mapped: the weights are not read)."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+
+
 def finished_summary(run_dir: str | Path) -> dict | None:
     """The run's summary.json when it holds a finished result, else None (never started,
     killed, or failed: those ``resume=true`` runs again, from their last checkpoint)."""

@@ -99,16 +99,17 @@ def _netrc_has_wandb() -> bool:
 
 
 def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str, checkpoint_dir: Path,
-                resume_from: str | None = None):
-    """The Lightning logger ``cfg.logger`` names, or None. A run resumed from the checkpoint
-    ``resume_from`` keeps what it logged before: a W&B run keeps its id beside the run's
-    checkpoints and goes on logging into the same W&B run; a CSV log keeps its rows."""
+                resumed_at: int | None = None):
+    """The Lightning logger ``cfg.logger`` names, or None. A run resumed from a checkpoint of
+    step ``resumed_at`` keeps what it logged up to that step, and only that: a W&B run keeps
+    its id beside the run's checkpoints and goes on logging into the same W&B run; a CSV log
+    keeps its rows; TensorBoard hides what the killed run logged from that step on."""
     kind, save_dir = cfg.logger.name, cfg.paths.output_dir
     if kind == "csv":
-        return resumable_csv_logger(save_dir, job_type, cfg.checkpoint.every_n_steps, resume_from)
+        return resumable_csv_logger(save_dir, job_type, cfg.checkpoint.every_n_steps, resumed_at)
     if kind == "tensorboard":
         from pytorch_lightning.loggers import TensorBoardLogger
-        return TensorBoardLogger(save_dir, name="tensorboard", version=job_type)
+        return TensorBoardLogger(save_dir, name="tensorboard", version=job_type, purge_step=resumed_at)
     if kind == "wandb" and not is_rank_zero():
         return None  # one W&B run per job: the other DDP ranks log nothing
     if kind == "wandb":
@@ -129,33 +130,17 @@ def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str, checkpoin
     return None
 
 
-def resumable_csv_logger(save_dir: str, job_type: str, every_n_steps: int, resume_from: str | None):
+def resumable_csv_logger(save_dir: str, job_type: str, every_n_steps: int, resumed_at: int | None):
     """Lightning's CSVLogger, written out at every checkpoint, so that the file holds every step
-    a checkpoint holds. A resumed run gets those rows back (Lightning's writer deletes the file
-    it finds) and writes them after the rows it logs again before fitting (the base's
-    evaluation, the parameter counts), where the uninterrupted run has them."""
+    a checkpoint holds. A run resumed at step ``resumed_at`` starts from the rows before that
+    step (Lightning's writer deletes the file it finds)."""
     from pytorch_lightning.loggers import CSVLogger
-
-    class ResumedCSVLogger(CSVLogger):
-        carried: list[dict] = []
-        resumed_at = 0
-
-        def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-            if self.carried and step is not None and step >= self.resumed_at:
-                self.experiment.metrics.extend(self.carried)
-                self.carried = []
-            super().log_metrics(metrics, step)
-
-    logger = ResumedCSVLogger(save_dir, name="csv", version=job_type, flush_logs_every_n_steps=every_n_steps)
+    logger = CSVLogger(save_dir, name="csv", version=job_type, flush_logs_every_n_steps=every_n_steps)
     path = Path(logger.log_dir) / "metrics.csv"
-    if resume_from is not None and path.is_file():
-        import torch
-        logger.resumed_at = torch.load(resume_from, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+    if resumed_at is not None and path.is_file() and is_rank_zero():
         with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        fitting = next((i for i, row in enumerate(rows) if row.get("train/loss")), len(rows))
-        logger.carried = [{k: v for k, v in row.items() if v != ""}
-                          for row in rows[fitting:] if int(row["step"]) < logger.resumed_at]
+            rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        logger.experiment.metrics.extend(row for row in rows if int(row["step"]) < resumed_at)
     return logger
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from loralab.base import BaseIdentity, build_model, cached_base, load_base, weights_sha256
 from loralab.callbacks import AdapterAnalysis, History, MergeCheck, ParameterCount, StepProgressBar, Throughput
-from loralab.checkpoints import AtomicCheckpointIO, LastCheckpoint, finished_summary, last_checkpoint
+from loralab.checkpoints import AtomicCheckpointIO, LastCheckpoint, checkpoint_step, finished_summary, last_checkpoint
 from loralab.config import ConfigError, lora_config_of, model_config_of, validate
 from loralab.console import silence_known_noise
 from loralab.data import TextDataModule, tokenizer_of
@@ -134,7 +134,8 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
         callbacks.append(StepProgressBar(job_type))
     resume_from = last_checkpoint(checkpoint_dir) if resume else None
     module = LitGPT(model, max_steps=max_steps, **optim)
-    logger = make_logger(cfg, identity, job_type, checkpoint_dir, resume_from)
+    resumed_at = checkpoint_step(resume_from) if resume_from else None
+    logger = make_logger(cfg, identity, job_type, checkpoint_dir, resumed_at)
     trainer_args = {**cfg.trainer, "max_steps": max_steps}
     if job_type == "pretrain":  # in one process, before DDP starts the other ranks (they wait on its cache)
         trainer_args.update(strategy="auto", devices=1, num_nodes=1)
@@ -143,7 +144,8 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
         trainer = pl.Trainer(**trainer_args, logger=logger or False, callbacks=callbacks,
                              plugins=[AtomicCheckpointIO()], check_val_every_n_epoch=None, num_sanity_val_steps=0,
                              inference_mode=False, enable_model_summary=False, default_root_dir=cfg.paths.output_dir)
-        base = evaluate(trainer, module, data)  # on resume too: the model is still the untrained one
+        # on resume too, for the summary (the model is still the untrained one); its loggers have it
+        base = evaluate(trainer, module, data, log=resumed_at is None)
         if resume_from:
             log.info("Resuming %s from %s", job_type, resume_from)
         trainer.fit(module, data, ckpt_path=resume_from)
@@ -168,14 +170,15 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
         finish_logger(logger, failed=status == "failed")
 
 
-def evaluate(trainer: pl.Trainer, module: LitGPT, data: TextDataModule) -> dict:
+def evaluate(trainer: pl.Trainer, module: LitGPT, data: TextDataModule, log: bool = True) -> dict:
     """val/ metrics on the whole held-out split; validation during training sees only
     ``trainer.limit_val_batches`` of it, for speed."""
     subsample, trainer.limit_val_batches = trainer.limit_val_batches, 1.0
+    loggers, trainer.loggers = trainer.loggers, trainer.loggers if log else []
     try:
         return trainer.validate(module, data, verbose=False)[0]
     finally:
-        trainer.limit_val_batches = subsample
+        trainer.limit_val_batches, trainer.loggers = subsample, loggers
 
 
 def print_result(summary: dict) -> None:
