@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,32 @@ def test_seeds_of_one_setting_are_aggregated_and_compared_with_the_best(tmp_path
     markdown = (tmp_path / "report.md").read_text()
     assert "Best setting: **lora.rank=8**" in markdown
     assert "- lora.rank=16: -" not in markdown and "not distinguishable from the best" in markdown
+
+
+def paired_line(a: int, b: int, diffs: list[float]) -> str:
+    """The report's line for rank a minus rank b, with the paired t-interval computed by hand."""
+    mean = sum(diffs) / len(diffs)
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    half = 4.302652729911275 * std / math.sqrt(3)  # t(0.975, df=2)
+    return f"- lora.rank={a} − lora.rank={b}: {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}], p = "
+
+
+def test_every_pair_of_settings_is_compared_not_only_with_the_best(tmp_path):
+    seeded_sweep(tmp_path, {4: [2.10, 2.12, 2.14], 8: [2.00, 2.03, 2.06], 16: [2.05, 2.07, 2.11],
+                            32: [2.06, 2.04, 2.09]})
+    write_report(tmp_path)
+    pairs = (tmp_path / "report.md").read_text().split("## Every pair of settings")[1].split("## Runs")[0]
+    lines = [line for line in pairs.splitlines() if line.startswith("- ")]
+    assert len(lines) == 6  # 4 settings: 4·3/2 pairs
+    # neither is the best, and they differ beyond noise; then a pair within the noise
+    r4_r16 = next(line for line in lines if line.startswith(paired_line(4, 16, [0.05, 0.05, 0.03])))
+    assert r4_r16.endswith("(paired t): lora.rank=16 has the lower val/loss.")
+    r16_r32 = next(line for line in lines if line.startswith(paired_line(16, 32, [-0.01, 0.03, 0.02])))
+    assert r16_r32.endswith("(paired t): not distinguishable.")
+
+    seeded_sweep(tmp_path / "two", {4: [2.10, 2.12, 2.14], 8: [2.00, 2.03, 2.06]})
+    write_report(tmp_path / "two")  # the one pair is the comparison with the best
+    assert "## Every pair of settings" not in (tmp_path / "two" / "report.md").read_text()
 
 
 def test_a_single_seed_says_it_has_no_uncertainty_estimate(tmp_path):

@@ -230,9 +230,12 @@ def report_markdown(sweep_dir: Path, runs: list[Run], settings: list[Setting], s
                     skipped: dict[str, str]) -> str:
     tally = ", ".join(f"{n} {status}" for status, n in Counter(run.status for run in runs).items())
     plots = [f"No `{name}`: {skipped[name]}." if name in skipped else f"![{name}]({name})" for name, _, _ in PLOTS]
+    # with two settings the one pair is the comparison with the best
+    pairs = ["## Every pair of settings", PAIRS_NOTE, every_pair(settings)] if len(comparable(settings)) > 2 else []
     parts = [f"# Sweep report: {sweep_dir}", f"{len(runs)} runs: {tally}.",
              "## Settings (mean over completed seeds, 95 % CI)", STATS_NOTE, setting_table,
              "## Comparisons with the best setting", verdicts(settings),
+             *pairs,
              "## Runs", table, "## Plots", *plots, "## Inside the adapters", analysis_link(sweep_dir)]
     return "\n\n".join(parts) + "\n"
 
@@ -363,6 +366,29 @@ def verdicts(settings: list[Setting]) -> str:
             continue
         lines.append(f"- {s.name}: {c.diff:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}] against the best, "
                      f"p = {c.p_value:.3g} ({c.test}): {s.verdict}.")
+    return "\n".join(lines)
+
+
+PAIRS_NOTE = ("The question a sweep asks is often about two settings, neither of them the best (is r = 16 "
+              "better than r = 8?). Each line is the first setting minus the second, with the 95 % CI of the "
+              "difference and the same test as above. These are many tests at once, none corrected for the "
+              "others: among pairs that do not differ, about one in twenty will look distinguishable by chance.")
+
+
+def comparable(settings: list[Setting]) -> list[Setting]:
+    return [s for s in settings if len(s.completed) >= 2]
+
+
+def every_pair(settings: list[Setting]) -> str:
+    """One line per pair of settings with at least 2 completed seeds, in job order."""
+    lines = []
+    for i, a in enumerate(comparable(settings)):
+        for b in comparable(settings)[i + 1:]:
+            c = stats.compare(a.by_seed(), b.by_seed())
+            verdict = (f"{a.name if c.diff < 0 else b.name} has the lower val/loss" if c.distinguishable
+                       else "not distinguishable")
+            lines.append(f"- {a.name} − {b.name}: {c.diff:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}], "
+                         f"p = {c.p_value:.3g} ({c.test}): {verdict}.")
     return "\n".join(lines)
 
 
