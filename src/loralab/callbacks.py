@@ -16,6 +16,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import _update_n
 
 from loralab.lora import analytic_lora_parameters, count_parameters, lora_layers, merge_lora
+from loralab.vit import ViT
 
 
 def log_to_loggers(trainer: pl.Trainer, metrics: dict) -> None:
@@ -39,8 +40,16 @@ class ParameterCount(pl.Callback):
             log_to_loggers(trainer, self.metrics)
 
 
+def positions(model: torch.nn.Module, inputs: torch.Tensor) -> int:
+    """The positions a step's batch runs through the transformer: B·T tokens of text, or for
+    a ViT B·(patches + the class token) per batch of images (not its pixels)."""
+    if isinstance(model, ViT):
+        return inputs.shape[0] * (model.config.n_patches + 1)
+    return inputs.numel()
+
+
 class Throughput(pl.Callback):
-    """perf/step_s and perf/tokens_per_s per training step (averaged over the run in
+    """perf/step_s and perf/tokens_per_s (positions, see ``positions``) per training step (averaged over the run in
     ``metrics``, the first step left out as warm-up), and perf/peak_mem_mb."""
 
     def __init__(self):
@@ -53,7 +62,7 @@ class Throughput(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step_s = time.perf_counter() - self.start
-        tokens = batch[0].numel() * trainer.world_size
+        tokens = positions(pl_module.model, batch[0]) * trainer.world_size
         self.step_times.append(step_s)
         if len(self.step_times) > 1:
             self.tokens += tokens
