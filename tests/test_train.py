@@ -87,6 +87,15 @@ def train_in_process(tmp_path: Path, base_cache: Path, overrides: list[str], log
     return summary(tmp_path)
 
 
+def test_a_nan_validation_batch_makes_val_loss_nan_instead_of_being_dropped():
+    from loralab.model import GPT, GPTConfig
+    from loralab.module import LitGPT
+    module = LitGPT(GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8)), lr=1e-3)
+    module.val_loss.update(torch.tensor(float("nan")), weight=10)  # one batch overflowed
+    module.val_loss.update(torch.tensor(2.0), weight=10)
+    assert torch.isnan(module.val_loss.compute())  # torchmetrics' default would drop it and say 2.0
+
+
 @pytest.mark.slow
 def test_diverging_run_is_marked_diverged(tmp_path, base_cache):
     s = train_in_process(tmp_path, base_cache, ["optim.lr=1e30", "trainer.gradient_clip_val=null"])
