@@ -87,13 +87,15 @@ def train_in_process(tmp_path: Path, base_cache: Path, overrides: list[str], log
     return summary(tmp_path)
 
 
-def test_a_nan_validation_batch_makes_val_loss_nan_instead_of_being_dropped():
+def test_val_loss_is_weighted_by_tokens_and_a_nan_batch_is_never_dropped():
     from loralab.model import GPT, GPTConfig
     from loralab.module import LitGPT
     module = LitGPT(GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8)), lr=1e-3)
+    module.val_loss.update(torch.tensor(1.0), weight=1)  # a batch of 1 token
+    module.val_loss.update(torch.tensor(4.0), weight=3)  # a batch of 3 tokens
+    assert module.val_loss.compute() == pytest.approx((1.0 + 4.0 * 3) / 4)
     module.val_loss.update(torch.tensor(float("nan")), weight=10)  # one batch overflowed
-    module.val_loss.update(torch.tensor(2.0), weight=10)
-    assert torch.isnan(module.val_loss.compute())  # torchmetrics' default would drop it and say 2.0
+    assert not torch.isfinite(module.val_loss.compute())  # torchmetrics' default would drop it and say 3.25
 
 
 @pytest.mark.slow

@@ -36,7 +36,8 @@ class LitGPT(pl.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.schedule = warmup_cosine(warmup_steps, max_steps, min_lr_ratio)
         n_classes = model.config.n_classes if isinstance(model, ViT) else model.config.vocab_size
-        self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN batch makes val/loss NaN, is never dropped
+        # a NaN batch makes val/loss inf, never dropped ("disable" would also drop the weights)
+        self.val_loss = MeanMetric(nan_strategy=math.inf)
         self.val_ppl = Perplexity(ignore_index=-1)
         self.val_acc = MulticlassAccuracy(num_classes=n_classes, average="micro", ignore_index=-1)
         self.diverged = False
