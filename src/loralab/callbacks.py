@@ -7,7 +7,6 @@ the run's ``summary.json`` and the loggers see the same numbers.
 from __future__ import annotations
 
 import copy
-import resource
 import time
 
 import pytorch_lightning as pl
@@ -16,6 +15,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import _update_n
 
 from loralab.lora import analytic_lora_parameters, count_parameters, lora_layers, merge_lora
+from loralab.memory import peak_memory_mb, reset_peak_memory
 from loralab.vit import ViT
 
 
@@ -57,6 +57,9 @@ class Throughput(pl.Callback):
         self.step_times: list[float] = []
         self.tokens = 0
 
+    def on_fit_start(self, trainer, pl_module):
+        reset_peak_memory(pl_module.device)  # this run's peak, not the jobs' before it in this process
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.start = time.perf_counter()
 
@@ -76,13 +79,6 @@ class Throughput(pl.Callback):
                         "perf/tokens_per_s": self.tokens / sum(timed) if self.tokens else 0.0,
                         "perf/peak_mem_mb": peak_memory_mb(pl_module.device)}
         log_to_loggers(trainer, {"perf/peak_mem_mb": self.metrics["perf/peak_mem_mb"]})
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or on the CPU the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
 class MergeCheck(pl.Callback):

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from loralab.lora import LoRAConfig, inject_lora, merge_lora, save_adapter, unmerge_lora
+from loralab.memory import current_memory_mb, peak_memory_mb, reset_peak_memory
 from loralab.model import GPT, GPTConfig
 from loralab.quant import quantized_layers
 
@@ -120,37 +121,9 @@ def interleaved_times(runs: dict, spec: dict, device: torch.device) -> dict[str,
 # Peak memory
 
 
-def resident_mb() -> tuple[float, float]:
-    """(current, high-water mark) resident set of this process in MiB (Linux /proc)."""
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
-
-
 def set_mmap_threshold(nbytes: int) -> None:
     """glibc: serve allocations of ``nbytes`` and more by mmap (M_MMAP_THRESHOLD), not the heap."""
     ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Forget the peak so far: the allocator's on CUDA; on the CPU, hand freed heap back to the
-    OS (glibc keeps it otherwise) and reset the kernel's high-water mark (clear_refs 5)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resident_mb()[1]
-
-
-def baseline_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    return resident_mb()[0]
 
 
 # ---------------------------------------------------------------------------
@@ -202,7 +175,7 @@ def measure_memory(mode: str, spec: dict) -> dict:
     tiny = GPT(GPTConfig(vocab_size=256, block_size=spec["seq"], n_layer=1, n_head=1, n_embd=8)).to(device)
     training_step(tiny, spec, device)()  # torch loads code on first use (autograd, AdamW): no mode's cost
     del tiny
-    baseline = baseline_memory_mb(device)
+    baseline = current_memory_mb(device)
     model = build(mode, GPTConfig(**spec["config"]), spec["rank"], device)
     step = training_step(model, spec, device)
     reset_peak_memory(device)
