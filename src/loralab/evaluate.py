@@ -48,6 +48,21 @@ def completed_jobs(sweep_dir: Path) -> list[tuple[str, Path]]:
     return jobs
 
 
+def require_shareable(jobs: list[tuple[str, Path]], cfg) -> None:
+    """Adapters side by side on one base must each be low-rank weights alone, on a GPT."""
+    kind = cfg.model.get("kind", "gpt")
+    if kind != "gpt":
+        raise ValueError(f"the sweep's runs are model.kind={kind}: loralab.evaluate compares GPT adapters only "
+                         f"(each run's summary.json holds its final val/ metrics on the whole held-out split)")
+    for name, job_dir in jobs:
+        saved = json.loads((job_dir / "adapter" / ADAPTER_CONFIG).read_text())["lora"].get("modules_to_save")
+        if saved:
+            raise ValueError(f"run {name!r} trained modules_to_save={saved} in full beside its adapter: adapters "
+                             f"that share one base cannot each bring their own copy of those modules, so "
+                             f"loralab.evaluate cannot compare them (each run's summary.json holds its final "
+                             f"val/ metrics)")
+
+
 def shared_base(jobs: list[tuple[str, Path]]) -> tuple[GPT, str]:
     """The one base every adapter of the sweep records, loaded and verified, and its hash."""
     bases = {json.dumps(json.loads((d / "adapter" / ADAPTER_CONFIG).read_text()).get("base"), sort_keys=True)
@@ -81,10 +96,11 @@ def evaluate_sweep(sweep_dir: Path, overrides: list[str], prompt: str | None, ma
     from loralab.data import TextDataModule, tokenizer_of
 
     jobs = completed_jobs(sweep_dir)
+    cfg = OmegaConf.merge(OmegaConf.load(jobs[0][1] / ".hydra" / "config.yaml"), OmegaConf.from_dotlist(overrides))
+    require_shareable(jobs, cfg)
     model, sha256 = shared_base(jobs)
     for i, (_, job_dir) in enumerate(jobs):
         load_adapter(model, job_dir / "adapter", name=f"job{i}", expected_base_sha256=sha256)
-    cfg = OmegaConf.merge(OmegaConf.load(jobs[0][1] / ".hydra" / "config.yaml"), OmegaConf.from_dotlist(overrides))
     tok = tokenizer_of(cfg.model.pretrained)
     data = TextDataModule(block_size=model.config.block_size, tokenizer=tok, seed=cfg.seed, **cfg.data)
     batches = list(data.val_dataloader())
