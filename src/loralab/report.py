@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import logging
 import math
@@ -382,13 +383,12 @@ def comparable(settings: list[Setting]) -> list[Setting]:
 def every_pair(settings: list[Setting]) -> str:
     """One line per pair of settings with at least 2 completed seeds, in job order."""
     lines = []
-    for i, a in enumerate(comparable(settings)):
-        for b in comparable(settings)[i + 1:]:
-            c = stats.compare(a.by_seed(), b.by_seed())
-            verdict = (f"{a.name if c.diff < 0 else b.name} has the lower val/loss" if c.distinguishable
-                       else "not distinguishable")
-            lines.append(f"- {a.name} − {b.name}: {c.diff:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}], "
-                         f"p = {c.p_value:.3g} ({c.test}): {verdict}.")
+    for a, b in itertools.combinations(comparable(settings), 2):
+        c = stats.compare(a.by_seed(), b.by_seed())
+        verdict = (f"{a.name if c.diff < 0 else b.name} has the lower val/loss" if c.distinguishable
+                   else "not distinguishable")
+        lines.append(f"- {a.name} − {b.name}: {c.diff:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}], "
+                     f"p = {c.p_value:.3g} ({c.test}): {verdict}.")
     return "\n".join(lines)
 
 
