@@ -48,6 +48,10 @@ def completed_jobs(sweep_dir: Path) -> list[tuple[str, Path]]:
     return jobs
 
 
+def adapter_config(job_dir: Path) -> dict:
+    return json.loads((job_dir / "adapter" / ADAPTER_CONFIG).read_text())
+
+
 def require_shareable(jobs: list[tuple[str, Path]], cfg) -> None:
     """Adapters side by side on one base must each be low-rank weights alone, on a GPT."""
     kind = cfg.model.get("kind", "gpt")
@@ -55,7 +59,7 @@ def require_shareable(jobs: list[tuple[str, Path]], cfg) -> None:
         raise ValueError(f"the sweep's runs are model.kind={kind}: loralab.evaluate compares GPT adapters only "
                          f"(each run's summary.json holds its final val/ metrics on the whole held-out split)")
     for name, job_dir in jobs:
-        saved = json.loads((job_dir / "adapter" / ADAPTER_CONFIG).read_text())["lora"].get("modules_to_save")
+        saved = adapter_config(job_dir)["lora"].get("modules_to_save")
         if saved:
             raise ValueError(f"run {name!r} trained modules_to_save={saved} in full beside its adapter: adapters "
                              f"that share one base cannot each bring their own copy of those modules, so "
@@ -65,8 +69,7 @@ def require_shareable(jobs: list[tuple[str, Path]], cfg) -> None:
 
 def shared_base(jobs: list[tuple[str, Path]]) -> tuple[GPT, str]:
     """The one base every adapter of the sweep records, loaded and verified, and its hash."""
-    bases = {json.dumps(json.loads((d / "adapter" / ADAPTER_CONFIG).read_text()).get("base"), sort_keys=True)
-             for _, d in jobs}
+    bases = {json.dumps(adapter_config(d).get("base"), sort_keys=True) for _, d in jobs}
     if len(bases) != 1 or "null" in bases:
         raise BaseError("the sweep's adapters do not record one common base: evaluate them sweep by sweep")
     base = json.loads(bases.pop())
