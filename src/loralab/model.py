@@ -33,14 +33,21 @@ class GPTConfig:
     tie_weights: bool = True  # lm_head shares the token embedding, as GPT-2
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPTConfig {name}={value!r} is invalid: expected a positive integer")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"GPTConfig dropout={self.dropout!r} is invalid: expected a number in [0, 1)")
+        check_transformer_config(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
+
+
+def check_transformer_config(config, positive_ints: tuple[str, ...]) -> None:
+    """One ValueError naming the bad field of a GPT-style config (also the ViT's): sizes are
+    positive integers, the heads divide the width, dropout is in [0, 1)."""
+    kind = type(config).__name__
+    for name in positive_ints:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{kind} {name}={value!r} is invalid: expected a positive integer")
+    if config.n_embd % config.n_head:
+        raise ValueError(f"{kind} n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+    if not 0 <= config.dropout < 1:
+        raise ValueError(f"{kind} dropout={config.dropout!r} is invalid: expected a number in [0, 1)")
 
 
 class CausalSelfAttention(nn.Module):

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loralab.model import Block
+from loralab.model import Block, check_transformer_config
 
 
 @dataclass
@@ -35,17 +35,11 @@ class ViTConfig:
     bias: bool = True  # read by model.Block, as in GPTConfig
 
     def __post_init__(self):
-        for name in ("image_size", "patch_size", "channels", "n_layer", "n_head", "n_embd", "n_classes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ViTConfig {name}={value!r} is invalid: expected a positive integer")
+        check_transformer_config(self, ("image_size", "patch_size", "channels", "n_layer", "n_head", "n_embd",
+                                        "n_classes"))
         if self.image_size % self.patch_size:
             raise ValueError(f"ViTConfig image_size={self.image_size} is not divisible by "
                              f"patch_size={self.patch_size}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"ViTConfig n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"ViTConfig dropout={self.dropout!r} is invalid: expected a number in [0, 1)")
 
     @property
     def n_patches(self) -> int:
