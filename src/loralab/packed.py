@@ -177,7 +177,8 @@ class Pack(nn.Module):
         metrics = {}
         for n, (nll, tokens, correct) in totals.items():
             loss = math.inf if nll.isnan() else (nll / tokens).item()
-            metrics[n] = {"val/loss": loss, "val/ppl": math.exp(loss) if loss < 700 else math.inf, "val/acc": (correct / tokens).item()}
+            metrics[n] = {"val/loss": loss, "val/ppl": math.exp(loss) if loss < 700 else math.inf,
+                          "val/acc": (correct / tokens).item()}
         return metrics
 
     def job_state(self, name: str) -> dict:
