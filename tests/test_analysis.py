@@ -305,8 +305,10 @@ def test_analyze_cli_reports_the_adapters_own_numbers(tiny_sweep):
     figures = ("subspace_rank_2_vs_4", "subspace_seeds_0", "subspace_seeds_1", "spectra")
     for name in figures:
         assert (sweep_dir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name}.png)" in text
-    [wandb_run] = offline_runs(sweep_dir / "wandb")  # the analysis's own run, beside the jobs' runs
-    assert (wandb_run.job_type, wandb_run.group) == ("analysis", sweep_dir.as_posix())
+    [wandb_run] = offline_runs(sweep_dir / "analysis")  # the analysis's own run, in the jobs' group
+    assert (wandb_run.job_type, wandb_run.group) == ("analysis", offline_runs(sweep_dir / "0")[-1].group)
+    synced = {p.parent.parent.name for p in sweep_dir.glob("*/wandb/offline-run-*")}  # the README's sync glob
+    assert "analysis" in synced and "0" in synced
     for name in figures:
         assert wandb_run.metric(f"analysis/{name}/_type") == ["image-file"], name
 

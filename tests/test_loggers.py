@@ -94,7 +94,7 @@ def test_setting_id_is_shared_by_seeds_and_differs_between_settings(tmp_path):
 @pytest.mark.parametrize("experiment,group", [("rank_sweep", "rank_sweep 2026-11-23/10-59-01"),
                                               (None, "sweep 2026-11-23/10-59-01")])
 def test_a_sweeps_wandb_group_is_its_experiment_and_time_not_a_path(experiment, group):
-    from loralab.loggers import sweep_group
+    from loralab.wandb_sweep import sweep_group
 
     hydra = OmegaConf.create({"sweep": {"dir": "/home/me/loralab/outputs/multirun/2026-11-23/10-59-01"},
                               "runtime": {"choices": {"experiment": experiment}}})

@@ -334,22 +334,14 @@ def save_png(figure, path: Path) -> None:
 
 def log_to_wandb(sweep_dir: Path, adapters: list[Adapter], figures: list[str]) -> None:
     """The figures as one ``analysis`` run in the W&B group of the sweep's runs, if they logged to W&B."""
-    logged = [a.job for a in adapters if (sweep_dir / a.job / "wandb").is_dir()]
-    if not logged:
+    if not any((sweep_dir / a.job / "wandb").is_dir() for a in adapters):
         return
-    import wandb
-    from omegaconf import OmegaConf
+    from loralab.wandb_sweep import sweep_config, sweep_run
 
-    from loralab.wandb_setup import wandb_mode
-
-    logger = OmegaConf.load(sweep_dir / logged[0] / ".hydra" / "config.yaml").logger
-    group = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.sweep.dir  # the runs' group, as loggers.py names it
-    run = wandb.init(project=logger.project, entity=logger.entity, group=Path(group).as_posix(), job_type="analysis",
-                     name="analysis", dir=sweep_dir, mode=wandb_mode(logger.mode))
-    try:
-        run.log({f"analysis/{name.removesuffix('.png')}": wandb.Image(str(sweep_dir / name)) for name in figures})
-    finally:
-        run.finish()
+    with sweep_run(sweep_dir, sweep_config(sweep_dir), "analysis") as run:
+        if run is not None:
+            import wandb
+            run.log({f"analysis/{name.removesuffix('.png')}": wandb.Image(str(sweep_dir / name)) for name in figures})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -253,11 +253,11 @@ def check_training(cfg: DictConfig, problems: Problems) -> None:
         problems.lines.append(f"trainer.{key} is not allowed: {allowed}")
     problems.positive_int(cfg.trainer.get("max_steps"), "trainer.max_steps")
     problems.positive_int(cfg.checkpoint.every_n_steps, "checkpoint.every_n_steps")
-    problems.require(cfg.logger.name in LOGGERS, "logger.name", cfg.logger.name, f"one of {list(LOGGERS)}")
-    if cfg.logger.name == "tensorboard":
+    problems.require(cfg.logger.kind in LOGGERS, "logger.kind", cfg.logger.kind, f"one of {list(LOGGERS)}")
+    if cfg.logger.kind == "tensorboard":
         problems.require(importlib.util.find_spec("tensorboard") is not None, "logger", "tensorboard",
                          "an installed logger: `pip install tensorboard` first (or choose logger=csv)")
-    if cfg.logger.name == "wandb":
+    if cfg.logger.kind == "wandb":
         problems.require(cfg.logger.mode in WANDB_MODES, "logger.mode", cfg.logger.mode, f"one of {list(WANDB_MODES)}")
     problems.number(cfg.merge_tolerance, "merge_tolerance")
 

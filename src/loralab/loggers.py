@@ -11,7 +11,7 @@ import csv
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -23,6 +23,7 @@ from loralab.files import write_atomic
 from loralab.overrides import declared_sweep, param_keys, sweep_label, without_resume
 from loralab.provenance import provenance
 from loralab.wandb_setup import wandb_mode
+from loralab.wandb_sweep import sweep_group
 
 
 @dataclass
@@ -63,13 +64,6 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
                        group=sweep_group(hydra), overrides=overrides, setting_id=setting)
 
 
-def sweep_group(hydra) -> str:
-    """``rank_sweep 2026-11-23/10-59-01``: readable in the dashboard, and no path of this machine."""
-    sweep_dir = Path(hydra.sweep.dir)
-    experiment = hydra.runtime.choices.get("experiment") or "sweep"
-    return f"{experiment} {sweep_dir.parent.name}/{sweep_dir.name}"
-
-
 def flatten(config: dict, prefix: str = "") -> dict:
     """{"lora": {"rank": 4}} -> {"lora.rank": 4}, so W&B can group and filter by each key."""
     flat = {}
@@ -87,7 +81,7 @@ def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str, checkpoin
     step ``resumed_at`` keeps what it logged up to that step, and only that: a W&B run keeps
     its id beside the run's checkpoints and goes on logging into the same W&B run; a CSV log
     keeps its rows; TensorBoard hides what the killed run logged from that step on."""
-    kind, save_dir = cfg.logger.name, cfg.paths.output_dir
+    kind, save_dir = cfg.logger.kind, cfg.paths.output_dir
     if kind == "csv":
         return resumable_csv_logger(save_dir, job_type, cfg.checkpoint.every_n_steps, resumed_at)
     if kind == "tensorboard":
@@ -98,19 +92,67 @@ def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str, checkpoin
     if kind == "wandb":
         import wandb
         from pytorch_lightning.loggers import WandbLogger
-        config = {**flatten(OmegaConf.to_container(cfg, resolve=True)), "setting_id": identity.setting_id,
-                  **flatten(provenance(cfg.trainer), "provenance.")}
-        name = identity.name if job_type == "finetune" else f"{job_type}: {identity.name}"
+        name = cfg.logger.name or identity.name
         # Started here, not by WandbLogger: it would pass anonymous=None, which W&B warns about on
         # every run; quiet: no run history and summary on the console (loralab prints its own line).
         # Starting now also records a failure from here on in the run. The run id is kept beside
         # the checkpoints, so a resumed run continues the same W&B run.
-        run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=name, group=identity.group,
-                         job_type=job_type, dir=save_dir, mode=wandb_mode(cfg.logger.mode), config=config,
-                         id=wandb_run_id(Path(checkpoint_dir) / WANDB_RUN_ID), resume="allow",
-                         settings=wandb.Settings(quiet=True))
+        run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity,
+                         name=name if job_type == "finetune" else f"{job_type}: {name}",
+                         group=cfg.logger.group or identity.group, tags=list(cfg.logger.tags) or None,
+                         notes=cfg.logger.notes, job_type=job_type, dir=save_dir, mode=wandb_mode(cfg.logger.mode),
+                         config=wandb_config(cfg, identity), id=wandb_run_id(Path(checkpoint_dir) / WANDB_RUN_ID),
+                         resume="allow", settings=wandb.Settings(quiet=True))
+        define_metrics(run)
         return WandbLogger(experiment=run, save_dir=save_dir)
     return None
+
+
+def wandb_config(cfg: DictConfig, identity: RunIdentity) -> dict:
+    """The run's W&B config: the resolved config, flattened, without the keys that do not
+    apply to it (a full fine-tuning run has no ``lora.*``; a GPT no ViT-only ``model.*`` and
+    a ViT no GPT-only ones), so grouping by a key never mixes in runs it means nothing to."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if not cfg.lora.enabled:
+        del config["lora"]
+    for key in keys_of_other_models(cfg.model.kind):
+        config["model"].pop(key, None)
+    return {**flatten(config), "setting_id": identity.setting_id, **flatten(provenance(cfg.trainer), "provenance.")}
+
+
+def keys_of_other_models(kind: str) -> set[str]:
+    """The ``model.*`` keys only the other model kind reads (ViT: image_size, patch_size, ...)."""
+    from loralab.model import GPTConfig
+    from loralab.vit import ViTConfig
+
+    gpt = {f.name for f in fields(GPTConfig)} | {"pretrained"}  # a Hugging Face GPT-2 directory
+    vit = {f.name for f in fields(ViTConfig)}
+    return vit - gpt if kind == "gpt" else gpt - vit
+
+
+def define_metrics(run) -> None:
+    """What WandbLogger declares only for a run it starts itself: every curve against the
+    trainer's step (not W&B's own step, which also counts the logging of the summaries), and
+    summaries with intent: val/loss is the final whole-split value, best/val_loss the lowest."""
+    run.define_metric("trainer/global_step")
+    for pattern in ("train/*", "val/*", "lr-*", "perf/*"):
+        run.define_metric(pattern, step_metric="trainer/global_step")
+    run.define_metric("val/loss", step_metric="trainer/global_step", summary="last")
+    run.define_metric("best/val_loss", summary="min")
+
+
+def log_adapter(logger, cfg: DictConfig, adapter_dir: Path, base_sha256: str) -> None:
+    """The saved adapter as a W&B artifact of type ``lora-adapter`` (kilobytes), its
+    adapter_config.json as metadata beside the SHA-256 of the base it belongs on."""
+    from pytorch_lightning.loggers import WandbLogger
+    if not isinstance(logger, WandbLogger) or not cfg.logger.log_adapter:
+        return
+    import wandb
+    run = logger.experiment
+    metadata = {**json.loads((adapter_dir / "adapter_config.json").read_text()), "base_sha256": base_sha256}
+    artifact = wandb.Artifact(f"adapter-{run.id}", type="lora-adapter", metadata=metadata)
+    artifact.add_dir(str(adapter_dir))
+    run.log_artifact(artifact)
 
 
 def resumable_csv_logger(save_dir: str, job_type: str, every_n_steps: int, resumed_at: int | None):

@@ -104,8 +104,8 @@ class Run:
         return self.status == "completed" and math.isfinite(self.metrics.get("val/loss", math.nan))
 
 
-def write_report(sweep_dir: str | Path) -> Path:
-    """Write report.md, report.csv and the plots into ``sweep_dir``; print the table."""
+def write_report(sweep_dir: str | Path, show: bool = True) -> Path:
+    """Write report.md, report.csv and the plots into ``sweep_dir``; ``show``: print the table."""
     sweep_dir = Path(sweep_dir)
     check_sweep_dir(sweep_dir)
     # Jobs of a parallel launcher end at the same time: one writer at a time, and each
@@ -120,7 +120,8 @@ def write_report(sweep_dir: str | Path) -> Path:
         table, setting_table = to_markdown(rows), settings_markdown(settings)
         write_atomic(sweep_dir / "report.md",
                      report_markdown(sweep_dir, runs, settings, setting_table, table, skipped).encode())
-    print(f"\nSweep report ({sweep_dir / 'report.md'}):\n\n{setting_table}\n\n{verdicts(settings)}", flush=True)
+    if show:
+        print(f"\nSweep report ({sweep_dir / 'report.md'}):\n\n{setting_table}\n\n{verdicts(settings)}", flush=True)
     return sweep_dir / "report.md"
 
 
@@ -535,8 +536,18 @@ PLOTS = (  # (file name, drawing, why it may have nothing to draw)
 
 
 class SweepReport(Callback):
-    """Rebuild the sweep's report whenever one of its jobs ends (conf/train.yaml's
-    ``hydra.callbacks``). Not ``on_multirun_end``: Hydra skips that once a job raised."""
+    """The sweep report, rewritten whenever one of its jobs ends (conf/train.yaml's
+    ``hydra.callbacks``), so it is complete with any launcher; printed, and logged to W&B,
+    once the sweep has ended (``loralab.sweep_console``). Hydra skips ``on_multirun_end``
+    once a job raised: loralab's sweeper then ends the sweep itself."""
+
+    def on_job_start(self, config, **kwargs) -> None:
+        from hydra.types import RunMode
+
+        from loralab.sweep_console import announce_job
+
+        if config.hydra.mode == RunMode.MULTIRUN:
+            announce_job(config)
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
         from hydra.types import RunMode
@@ -544,9 +555,14 @@ class SweepReport(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         try:
-            write_report(config.hydra.sweep.dir)
+            write_report(config.hydra.sweep.dir, show=False)
         except Exception as e:  # a broken report must not mask the job's own result or error
             log.warning("sweep report not written in %s: %s", config.hydra.sweep.dir, e)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from loralab.sweep_console import end_sweep
+
+        end_sweep(config)
 
 
 def main(argv: list[str] | None = None) -> None:

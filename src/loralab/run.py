@@ -14,10 +14,12 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytorch_lightning as pl
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
 
 from loralab.base import BaseIdentity, build_model, cached_base, load_base, weights_sha256
 from loralab.callbacks import AdapterAnalysis, History, MergeCheck, ParameterCount, StepProgressBar, Throughput
@@ -28,11 +30,12 @@ from loralab.data import TextDataModule, tokenizer_of
 from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, run_only_this_job
 from loralab.files import write_json
 from loralab.gpt2 import load_gpt2
-from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
+from loralab.loggers import RunIdentity, finish_logger, log_adapter, make_logger, run_identity
 from loralab.lora import inject_lora, save_adapter
 from loralab.model import GPT
 from loralab.module import LitGPT
 from loralab.provenance import provenance
+from loralab.sweep_console import where_results
 from loralab.vision_data import DigitsDataModule
 from loralab.vit import ViT
 
@@ -69,11 +72,15 @@ def train(cfg: DictConfig) -> float:
         if lora_config is not None:
             adapted = inject_lora(model, lora_config)
             log.info("LoRA r=%d on %d modules: %s", lora_config.rank, len(adapted), ", ".join(adapted))
+
+        def keep_adapter(logger) -> None:  # while the logger is open: the adapter is also a W&B artifact
+            if lora_config is not None and is_rank_zero():
+                adapter_dir = save_adapter(model, lora_config, run_dir / "adapter", base=base.to_dict())
+                log_adapter(logger, cfg, adapter_dir, base.sha256)
+
         result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim,
-                     checkpoint_dir=run_dir / "checkpoints", resume=cfg.resume)
+                     checkpoint_dir=run_dir / "checkpoints", resume=cfg.resume, on_completed=keep_adapter)
         summary.update(result)
-        if summary["status"] == "completed" and lora_config is not None and is_rank_zero():
-            save_adapter(model, lora_config, run_dir / "adapter", base=base.to_dict())
         # +inf, not NaN, when it diverged: a search ranks it last (Optuna 2.10 refuses a NaN
         # objective, and hydra-optuna-sweeper then stops the whole search)
         return summary["metrics"]["best/val_loss"] if summary["status"] == "completed" else math.inf
@@ -89,6 +96,8 @@ def train(cfg: DictConfig) -> float:
             write_json(run_dir / "summary.json", summary)
             if not (summary["error"] or "").startswith(ConfigError.__name__):  # its lines alone say it (exits.py)
                 print_result(summary)
+                if identity.group is None:  # a sweep says where its results are once, at its end
+                    print(where_results(run_dir, "wandb/offline-run-*"), flush=True)
 
 
 def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseIdentity]:
@@ -121,9 +130,11 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
 
 
 def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity, job_type: str,
-        optim, checkpoint_dir: Path, resume: bool, max_steps: int | None = None) -> dict:
+        optim, checkpoint_dir: Path, resume: bool, max_steps: int | None = None,
+        on_completed: Callable | None = None) -> dict:
     """Train ``model``'s trainable parameters; validate before and after. Checkpoints go to
-    ``checkpoint_dir``; with ``resume`` training continues from the last one there. Returns
+    ``checkpoint_dir``; with ``resume`` training continues from the last one there; a run that
+    completed is handed, with its logger, to ``on_completed`` before the logger closes. Returns
     the run's status, metrics and loss history, which also go to the logger's summary."""
     max_steps = max_steps or cfg.trainer.max_steps
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
@@ -136,6 +147,8 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
     module = LitGPT(model, max_steps=max_steps, **optim)
     resumed_at = checkpoint_step(resume_from) if resume_from else None
     logger = make_logger(cfg, identity, job_type, checkpoint_dir, resumed_at)
+    if logger is not None:  # the schedule's learning rate at every step, as lr-AdamW
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer_args = {**cfg.trainer, "max_steps": max_steps}
     if job_type == "pretrain":  # in one process, before DDP starts the other ranks (they wait on its cache)
         trainer_args.update(strategy="auto", devices=1, num_nodes=1)
@@ -163,8 +176,10 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
         }
         result = {"status": status, "job_type": job_type, "steps": trainer.global_step,
                   "metrics": metrics, "history": history.history, "analysis": analysis.layers}
-        if logger is not None and cfg.logger.name == "wandb" and is_rank_zero():  # other ranks hold a dummy run
+        if logger is not None and cfg.logger.kind == "wandb" and is_rank_zero():  # other ranks hold a dummy run
             logger.experiment.summary.update({**metrics, "status": status})
+        if status == "completed" and on_completed is not None:
+            on_completed(logger)
         return result
     finally:
         finish_logger(logger, failed=status == "failed")

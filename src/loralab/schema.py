@@ -88,10 +88,16 @@ class OptimConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"  # wandb | csv | tensorboard | none
+    kind: str = "wandb"  # wandb | csv | tensorboard | none (chosen by logger=...)
+    # the W&B run's settings (wandb.init's arguments of the same names)
     project: str = "loralab"
     entity: Optional[str] = None
+    group: Optional[str] = None  # default: a sweep's experiment and date/time; none for a single run
+    tags: List[str] = field(default_factory=list)
+    notes: Optional[str] = None
+    name: Optional[str] = None  # default: what the sweep varies in this run, e.g. lora.rank=4
     mode: str = "auto"  # auto | offline | online | disabled
+    log_adapter: bool = True  # the adapter as a W&B artifact (type lora-adapter)
 
 
 @dataclass

@@ -62,6 +62,7 @@ class LoRASweeper(BasicSweeper):
         run of them with its first job number (``initial_job_idx``), so every job keeps its
         number and directory. All jobs to run are checked before the first starts."""
         from loralab.resume import jobs_to_run
+        from loralab.sweep_console import end_sweep
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
@@ -73,11 +74,15 @@ class LoRASweeper(BasicSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         returns = []
-        for first, batch in contiguous_batches(todo, self.max_batch_size):
-            results = self.launcher.launch([jobs[i] for i in batch], initial_job_idx=first)
-            for r in results:
-                _ = r.return_value  # raises a failed job's error, as BasicSweeper does
-            returns.append(results)
+        try:
+            for first, batch in contiguous_batches(todo, self.max_batch_size):
+                results = self.launcher.launch([jobs[i] for i in batch], initial_job_idx=first)
+                for r in results:
+                    _ = r.return_value  # raises a failed job's error, as BasicSweeper does
+                returns.append(results)
+        except Exception:
+            end_sweep(self.config)  # Hydra's on_multirun_end, which it skips once a job raised
+            raise
         return returns
 
     def job_dir(self, overrides: List[str], number: int) -> Path:
