@@ -99,3 +99,83 @@ def test_a_sweeps_wandb_group_is_its_experiment_and_time_not_a_path(experiment, 
     hydra = OmegaConf.create({"sweep": {"dir": "/home/me/loralab/outputs/multirun/2026-11-23/10-59-01"},
                               "runtime": {"choices": {"experiment": experiment}}})
     assert sweep_group(hydra) == group
+
+
+@pytest.mark.parametrize("overrides,absent,present", [
+    (["lora=full"], "lora.", "model.vocab_size"),  # the baseline carries no LoRA settings
+    (["model=vit_tiny", "data=digits"], "model.vocab_size", "model.patch_size"),  # no GPT-only keys
+    ([], "model.patch_size", "lora.rank"),  # a GPT LoRA run: no ViT-only keys
+])
+def test_the_wandb_config_holds_only_what_applies_to_the_run(tmp_path, overrides, absent, present):
+    from loralab.loggers import RunIdentity, wandb_config
+
+    from conftest import compose
+
+    config = wandb_config(compose([f"paths.output_dir={tmp_path}", *overrides]), RunIdentity("r", None, [], "abc"))
+    assert present in config and config["setting_id"] == "abc"
+    assert not [key for key in config if key.startswith(absent)]
+
+
+@pytest.mark.slow
+def test_a_sweep_in_wandb_as_a_dashboard_user_expects(tmp_path, base_cache):
+    """``-m lora=default,full`` with the logger's settings, decoded from the offline run files."""
+    import json
+
+    from conftest import TINY, read_summary, run_train
+    from wandb_offline import offline_runs
+
+    sweep = tmp_path / "sweep"
+    result = run_train(["-m", "lora=default,full", *TINY, "logger.group=ablation", "logger.tags=[tiny,e2e]",
+                        "logger.notes=two jobs", f"paths.cache_dir={base_cache}", f"hydra.sweep.dir={sweep}"],
+                       cwd=tmp_path)
+    runs = {job: next(r for r in offline_runs(sweep / job) if r.job_type == "finetune") for job in ("0", "1")}
+    for job, run in runs.items():
+        summary = read_summary(sweep / job)
+        assert (run.group, run.tags, run.notes) == ("ablation", ["tiny", "e2e"], "two jobs")
+        # every curve against the trainer's step; val/loss summarised by its last value, best/val_loss by its min
+        for pattern in ("train/*", "val/*", "lr-*", "perf/*"):
+            assert run.metrics[pattern]["step_metric"] == "trainer/global_step", pattern
+        assert run.metrics["val/loss"]["summary"] == ["last"] and run.metrics["best/val_loss"]["summary"] == ["min"]
+        final = [row for row in run.history if "val/loss" in row][-1]
+        assert final["trainer/global_step"] == 12 and final["val/loss"] == summary["metrics"]["val/loss"]
+        assert run.summary["best/val_loss"] == summary["metrics"]["best/val_loss"]
+        assert len(run.metric("lr-AdamW")) == 12
+    lora, full = runs["0"], runs["1"]
+    assert lora.config["lora.rank"] == 8 and not [key for key in full.config if key.startswith("lora.")]
+    # the adapter as an artifact, with its config and its base's hash; the baseline has none
+    [artifact] = [a for a in lora.artifacts if a["type"] == "lora-adapter"]
+    adapter_config = json.loads((sweep / "0" / "adapter" / "adapter_config.json").read_text())
+    assert artifact["metadata"] == {**adapter_config, "base_sha256": read_summary(sweep / "0")["base"]["sha256"]}
+    assert artifact["files"] == ["adapter.safetensors", "adapter_config.json"]
+    assert not [a for a in full.artifacts if a["type"] == "lora-adapter"]
+    # the report as its own run in the sweep's group, where the sync command finds it
+    [report] = offline_runs(sweep / "report")
+    assert (report.job_type, report.group, report.tags) == ("report", "ablation", ["tiny", "e2e"])
+    [logged] = report.history
+    assert logged["report/settings/_type"] == "table-file" and logged["report/settings/nrows"] == 2
+    for plot in ("loss_curves", "val_loss_vs_params"):
+        assert logged[f"report/{plot}/_type"] == "image-file", plot
+    # the console: each job announced, the table once, where the results are and how to upload them
+    out = result.stdout
+    assert out.index("job 1/2: lora=default") < out.index("job 2/2: lora=full") < out.index("Sweep report")
+    assert out.count("Sweep report") == 1
+    assert f"[loralab] results: {sweep} (report: {sweep / 'report.md'})" in out
+    assert f"wandb sync {sweep}/*/wandb/offline-run-*" in out
+    synced = {p.parent.parent.name for p in sweep.glob("*/wandb/offline-run-*")}
+    assert synced == {"0", "1", "report"}
+
+
+@pytest.mark.slow
+def test_a_run_names_itself_and_can_skip_the_adapter_artifact(tmp_path, base_cache):
+    from conftest import TINY, run_train
+    from wandb_offline import offline_runs
+
+    run_dir = tmp_path / "run"
+    result = run_train([*TINY, "logger.name=my-run", "logger.log_adapter=false", f"paths.cache_dir={base_cache}",
+                        f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    [run] = [r for r in offline_runs(run_dir) if r.job_type == "finetune"]
+    assert run.name == "my-run" and run.group == ""
+    assert not [a for a in run.artifacts if a["type"] == "lora-adapter"]
+    assert (run_dir / "adapter" / "adapter.safetensors").is_file()  # skipped in W&B only
+    assert f"[loralab] results: {run_dir}\n" in result.stdout
+    assert f"wandb sync {run_dir}/wandb/offline-run-*" in result.stdout

@@ -43,17 +43,21 @@ def records(path: Path) -> list:
 
 
 class OfflineRun:
-    """The config, history, summary and exit code one offline run file holds."""
+    """The config, history, summary, metric definitions, artifacts and exit code one offline
+    run file holds."""
 
     def __init__(self, path: Path):
         self.path, self.config, self.history, self.summary = path, {}, [], {}
         self.exit_code, self.run_id, self.group, self.name, self.job_type = None, None, None, None, None
+        self.tags, self.notes = [], None
+        self.metrics = {}  # name or glob -> {"step_metric": ..., "summary": [...]}, as define_metric sent them
+        self.artifacts = []  # {"type", "name", "metadata", "files"} of each artifact the run logged
         for record in records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run = record.run
                 self.run_id, self.group, self.name = run.run_id, run.run_group, run.display_name
-                self.job_type = run.job_type
+                self.job_type, self.tags, self.notes = run.job_type, list(run.tags), run.notes
                 self._update_config(run.config.update)
             elif kind == "config":
                 self._update_config(record.config.update)
@@ -63,6 +67,16 @@ class OfflineRun:
             elif kind == "summary":
                 for item in record.summary.update:
                     self.summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            elif kind == "metric":
+                metric = record.metric
+                self.metrics[metric.name or metric.glob_name] = {
+                    "step_metric": metric.step_metric,
+                    "summary": [field.name for field, on in metric.summary.ListFields() if on]}
+            elif kind == "artifact":
+                artifact = record.artifact
+                self.artifacts.append({"type": artifact.type, "name": artifact.name,
+                                       "metadata": json.loads(artifact.metadata or "{}"),
+                                       "files": sorted(entry.path for entry in artifact.manifest.contents)})
             elif kind == "exit":
                 self.exit_code = record.exit.exit_code
 
