@@ -138,6 +138,8 @@ def check_model_and_lora(cfg: DictConfig, problems: Problems, skip: set[str]) ->
     if isinstance(model_config, GPTConfig) and not cfg.model.pretrained:
         problems.require(model_config.vocab_size >= ByteTokenizer.vocab_size, "model.vocab_size",
                          model_config.vocab_size, f"at least {ByteTokenizer.vocab_size} for the byte tokenizer")
+        if not cfg.base.checkpoint and is_gpt2_shape(model_config):
+            problems.lines.append(GPT2_WITHOUT_WEIGHTS)
     if cfg.model.pretrained:
         base_config = pretrained_config(cfg.model.pretrained, problems)
     elif cfg.base.checkpoint:
@@ -151,6 +153,19 @@ def check_model_and_lora(cfg: DictConfig, problems: Problems, skip: set[str]) ->
         with torch.device("meta"):  # rank against the real layer shapes, at no cost
             problems.build("lora", lambda: inject_lora(build_model(base_config), lora_config))
     return base_config
+
+
+GPT2_WITHOUT_WEIGHTS = (
+    "model=gpt2 needs model.pretrained: a local Hugging Face GPT-2 directory (config.json, model.safetensors, "
+    "tokenizer files), e.g. saved on a machine with internet by `huggingface-cli download gpt2 --local-dir gpt2` "
+    "and copied here (nothing downloads at run time; without it the run would pretrain a random 124M GPT-2, "
+    "hours on a CPU)")
+
+
+def is_gpt2_shape(config: GPTConfig) -> bool:
+    """GPT-2 small's shape (GPTConfig's defaults, conf/model/gpt2.yaml): only worth running with its weights."""
+    gpt2 = GPTConfig()
+    return all(getattr(config, key) == getattr(gpt2, key) for key in ("n_layer", "n_head", "n_embd", "vocab_size"))
 
 
 def pretrained_config(directory: str, problems: Problems) -> GPTConfig | None:
