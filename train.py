@@ -11,7 +11,6 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import loralab.schema  # noqa: F401  registers the config schema (train_schema) before Hydra composes
 from loralab.exits import run
 from loralab.plugins import require_plugins
 
@@ -23,6 +22,21 @@ def main(cfg: DictConfig) -> float:
     return train(cfg)
 
 
+def print_help() -> None:
+    """--help as conf/hydra/help/loralab.yaml words it. Rendered here, not by Hydra, whose help
+    also lists every option of every config group, one deep copy of the config repository each
+    (seconds), for a text that names its groups itself; loralab.schema (torch) is not needed."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    words = OmegaConf.load(Path(__file__).parent / "conf" / "hydra" / "help" / "loralab.yaml")
+    print(OmegaConf.create({"hydra": {"help": words}}).hydra.help.template)
+
+
 if __name__ == "__main__":
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        sys.exit(print_help())
     require_plugins(sys.argv[1:])  # one line naming the extra, before Hydra's "Could not find ..."
+    import loralab.schema  # noqa: F401  registers the config schema (train_schema) before Hydra composes
     run(main)

@@ -1,6 +1,7 @@
-"""Every ``python train.py ...`` command the documentation shows composes with Hydra.
+"""Every ``python train.py ...`` command the documentation shows composes with Hydra, and
+``python train.py --help`` names every config group option and every experiment.
 
-The commands are read from README.md, docs/*.md and experiments/README.md (code blocks and
+The commands are read from README.md, docs/*.md, experiments/README.md and the --help text (code blocks and
 inline code alike) and composed with the real config in conf/ — nothing trains. A sweep
 composes once per swept value (its other sweeps at their first value), including the
 values an experiment sweeps in its ``hydra.sweeper.params``, so a renamed key, group
@@ -12,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,8 @@ import loralab.schema  # noqa: F401  registers train_schema, as train.py does
 from loralab.plugins import PLUGINS
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "experiments" / "README.md"]
+HELP = ROOT / "conf" / "hydra" / "help" / "loralab.yaml"  # python train.py --help, with its examples
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "experiments" / "README.md", HELP]
 COMMAND = re.compile(r"(\$ )?python train\.py([^`\n]*)")
 
 
@@ -157,3 +161,21 @@ def test_documented_command_composes(args, conf_dir):
         # an example of a refused value: the documented first line names the key Hydra names
         key = shown_output.split("=")[0]
         assert key in str(error), f"{where}: documented as {shown_output!r}, Hydra says {error}"
+
+
+def test_train_help_names_every_config_group_option_and_experiment():
+    help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout
+    assert help_text.startswith("python train.py [-m]")  # loralab's own help, not Hydra's stock text
+    conf = ROOT / "conf"
+    groups = {path.parent.relative_to(conf).as_posix() for path in conf.rglob("*/*.yaml")}
+    groups -= {"experiment", "hydra/help"}
+    assert {"model", "lora", "lora/targets", "data", "trainer", "logger"} <= groups
+    for group in sorted(groups):
+        assert f"\n  {group}=" in help_text, group
+        described = re.split(r"\n  \S", help_text.split(f"\n  {group}=", 1)[1])[0]  # up to the next group
+        for option in sorted(path.stem for path in (conf / group).glob("*.yaml")):
+            assert re.search(rf"\b{option}\b", described), f"{group}={option} is not in --help"
+    for experiment in sorted(path.stem for path in (conf / "experiment").glob("*.yaml")):
+        assert f"\n  {experiment} " in help_text, f"experiment={experiment} is not in --help"
+    assert help_text.count("\n  python train.py") == 3  # three examples (composed by the tests above)

@@ -213,7 +213,7 @@ def test_tensorboard_logger_and_a_given_base_checkpoint(tmp_path, base_cache):
     ("data=text", "data.train_path is required with data.corpus=text"),
     ("data=text data.train_path=/no/such/file.txt", "data.train_path='/no/such/file.txt' is invalid"),
     ("model.n_embd=33", "n_embd=33 is not divisible by n_head=2"),
-    ("model=gpt2", "model=gpt2 needs model.pretrained: a local Hugging Face GPT-2 directory"),  # not hours of pretraining
+    ("model=gpt2", "model=gpt2 needs model.pretrained: a local Hugging Face GPT-2 directory"),  # not hours pretraining
 ])
 def test_bad_config_values_are_named(tmp_path, override, message):
     cfg = compose([*TINY, f"paths.output_dir={tmp_path}", *override.split()])
