@@ -89,8 +89,8 @@ def train_in_process(tmp_path: Path, base_cache: Path, overrides: list[str], log
 
 def test_val_loss_is_weighted_by_tokens_and_a_nan_batch_is_never_dropped():
     from loralab.model import GPT, GPTConfig
-    from loralab.module import LitGPT
-    module = LitGPT(GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8)), lr=1e-3)
+    from loralab.module import LitTransformer
+    module = LitTransformer(GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8)), lr=1e-3)
     module.val_loss.update(torch.tensor(1.0), weight=1)  # a batch of 1 token
     module.val_loss.update(torch.tensor(4.0), weight=3)  # a batch of 3 tokens
     assert module.val_loss.compute() == pytest.approx((1.0 + 4.0 * 3) / 4)

@@ -210,22 +210,18 @@ class ResumableLoader(DataLoader):
                 pass
 
 
-class TextDataModule(pl.LightningDataModule):
-    """Train and validation windows of one corpus; shuffling is seeded, validation fixed."""
+class SeededDataModule(pl.LightningDataModule):
+    """The loaders of every run's data: training shuffled by a seeded generator that resumes
+    mid-epoch, validation fixed. A subclass sets ``train_set``, ``val_set``, ``batch_size``,
+    ``seed``, ``block_size`` (positions per example, for val/tokens) and ``fingerprint``
+    (a hash of the training data, part of the base cache's key)."""
 
-    def __init__(self, corpus: str, block_size: int, batch_size: int = 16, val_fraction: float = 0.1,
-                 max_bytes: int | None = None, train_path: str | None = None, val_path: str | None = None,
-                 tokenizer=None, seed: int = 0):
-        super().__init__()
-        self.tokenizer = tokenizer or ByteTokenizer()
-        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
-        train, val = corpus_splits(corpus, max_bytes, val_fraction, train_path, val_path)
-        self.fingerprint = digest(train, val)
-        self.train_set = TokenWindows(self.encode(train), block_size)
-        self.val_set = TokenWindows(self.encode(val), block_size)
-
-    def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+    train_set: Dataset
+    val_set: Dataset
+    batch_size: int
+    seed: int
+    block_size: int
+    fingerprint: str
 
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None and self.trainer.world_size > 1:
@@ -243,3 +239,21 @@ class TextDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+class TextDataModule(SeededDataModule):
+    """Train and validation windows of one corpus."""
+
+    def __init__(self, corpus: str, block_size: int, batch_size: int = 16, val_fraction: float = 0.1,
+                 max_bytes: int | None = None, train_path: str | None = None, val_path: str | None = None,
+                 tokenizer=None, seed: int = 0):
+        super().__init__()
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        train, val = corpus_splits(corpus, max_bytes, val_fraction, train_path, val_path)
+        self.fingerprint = digest(train, val)
+        self.train_set = TokenWindows(self.encode(train), block_size)
+        self.val_set = TokenWindows(self.encode(val), block_size)
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer.encode(text), dtype=torch.long)

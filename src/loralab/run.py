@@ -19,21 +19,21 @@ import pytorch_lightning as pl
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.base import BaseIdentity, build_model, cached_base, load_base, weights_sha256
+from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
 from loralab.callbacks import AdapterAnalysis, History, MergeCheck, ParameterCount, StepProgressBar, Throughput
 from loralab.checkpoints import AtomicCheckpointIO, LastCheckpoint, checkpoint_step, finished_summary, last_checkpoint
 from loralab.config import ConfigError, lora_config_of, model_config_of, validate
 from loralab.console import silence_known_noise
-from loralab.data import TextDataModule, tokenizer_of
+from loralab.data import SeededDataModule, tokenizer_of
 from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, run_only_this_job
 from loralab.files import write_json
 from loralab.gpt2 import load_gpt2
 from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
 from loralab.lora import inject_lora, save_adapter
 from loralab.model import GPT
-from loralab.module import LitGPT
+from loralab.model_kinds import KINDS, build_model, kind_of, replace_head
+from loralab.module import LitTransformer
 from loralab.provenance import provenance
-from loralab.vision_data import DigitsDataModule
 from loralab.vit import ViT
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,10 @@ def train(cfg: DictConfig) -> float:
         model, base = base_model(cfg, identity)
         summary["base"] = base.to_dict()
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        if isinstance(model, ViT):
-            data = DigitsDataModule(cfg.data.corpus, cfg.data.batch_size, cfg.data.val_fraction, cfg.seed)
-            ViT._init_weights(model.head)  # the base's head classified other digits: a new one, from this seed
-        else:
-            data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed,
-                                  tokenizer=tokenizer_of(cfg.model.pretrained), **cfg.data)
+        kind = kind_of(model)
+        data = kind.data_module(cfg.data, cfg.seed, model.config, tokenizer_of(cfg.model.pretrained))
+        if kind.new_head:  # the base's head classified other classes: a new one, from this seed
+            replace_head(model)
         lora_config = lora_config_of(cfg.lora)
         if lora_config is not None:
             adapted = inject_lora(model, lora_config)
@@ -100,13 +98,8 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
     if cfg.base.checkpoint:
         model, sha256 = load_base(cfg.base.checkpoint)
         return model, BaseIdentity("checkpoint", str(Path(cfg.base.checkpoint).resolve()), sha256)
-    if cfg.model.kind == "vit":
-        data = DigitsDataModule(cfg.base.corpus, cfg.base.batch_size, cfg.base.val_fraction, cfg.base.seed)
-    else:
-        data = TextDataModule(block_size=cfg.model.block_size, seed=cfg.base.seed, corpus=cfg.base.corpus,
-                              max_bytes=cfg.base.max_bytes, val_fraction=cfg.base.val_fraction,
-                              batch_size=cfg.base.batch_size)
     model_config = model_config_of(cfg.model)
+    data = KINDS[cfg.model.kind].data_module(cfg.base, cfg.base.seed, model_config)
 
     def pretrain(checkpoint_dir: Path) -> GPT | ViT:
         pl.seed_everything(cfg.base.seed, workers=True, verbose=False)
@@ -120,7 +113,7 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
     return cached_base(model_config, cfg.base, data.fingerprint, to_absolute_path(cfg.paths.cache_dir), pretrain)
 
 
-def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity, job_type: str,
+def fit(cfg: DictConfig, model: GPT | ViT, data: SeededDataModule, identity: RunIdentity, job_type: str,
         optim, checkpoint_dir: Path, resume: bool, max_steps: int | None = None) -> dict:
     """Train ``model``'s trainable parameters; validate before and after. Checkpoints go to
     ``checkpoint_dir``; with ``resume`` training continues from the last one there. Returns
@@ -133,7 +126,7 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(job_type))
     resume_from = last_checkpoint(checkpoint_dir) if resume else None
-    module = LitGPT(model, max_steps=max_steps, **optim)
+    module = LitTransformer(model, max_steps=max_steps, **optim)
     resumed_at = checkpoint_step(resume_from) if resume_from else None
     logger = make_logger(cfg, identity, job_type, checkpoint_dir, resumed_at)
     trainer_args = {**cfg.trainer, "max_steps": max_steps}
@@ -170,7 +163,7 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
         finish_logger(logger, failed=status == "failed")
 
 
-def evaluate(trainer: pl.Trainer, module: LitGPT, data: TextDataModule, log: bool = True) -> dict:
+def evaluate(trainer: pl.Trainer, module: LitTransformer, data: SeededDataModule, log: bool = True) -> dict:
     """val/ metrics on the whole held-out split; validation during training sees only
     ``trainer.limit_val_batches`` of it, for speed."""
     subsample, trainer.limit_val_batches = trainer.limit_val_batches, 1.0
