@@ -1,4 +1,4 @@
-"""The merge check measures without changing what it measures (issue 8)."""
+"""The merge check measures without changing what it measures."""
 
 import pytorch_lightning as pl
 import torch

@@ -1,4 +1,4 @@
-"""The progress bar counts optimizer steps against max_steps (issue 15), across epochs."""
+"""The progress bar counts optimizer steps against max_steps, across epochs."""
 
 import pytorch_lightning as pl
 import torch

@@ -1,6 +1,6 @@
 """Callbacks that measure a run: parameter counts, throughput, the merge check, history.
 
-Each keeps what it measured in ``metrics`` (named as in the design notes) so that
+Each keeps what it measured in ``metrics`` (the metric names of summary.json, W&B and the report) so that
 the run's ``summary.json`` and the loggers see the same numbers.
 """
 

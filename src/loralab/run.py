@@ -1,4 +1,4 @@
-"""One run, composed from a config: the flow of the design notes, top to bottom.
+"""One run, composed from a config, top to bottom:
 
     config ─► validate ─► base model (load, or pretrain once and cache) ─► seed ─►
     data ─► inject LoRA ─► Trainer.fit ─► evaluate ─► adapter + summary.json ─►
