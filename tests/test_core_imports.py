@@ -1,10 +1,11 @@
-"""The torch-only core imports none of the framework around it: a reader can take
-lora.py, model.py, quant.py, analysis.py or vit.py into their own project."""
+"""The torch-only core imports none of the framework around it: a reader can take the LoRA
+layer and its adapters, the models, quantization and the analyses into their own project."""
 
 import subprocess
 import sys
 
-CORE = ["loralab.lora", "loralab.model", "loralab.quant", "loralab.analysis", "loralab.vit"]
+CORE = ["loralab.lora", "loralab.adapters", "loralab.surgery", "loralab.model", "loralab.vit", "loralab.quant",
+        "loralab.analysis", "loralab.schedule"]
 FRAMEWORK = ["pytorch_lightning", "lightning", "lightning_fabric", "hydra", "omegaconf", "wandb", "torchmetrics"]
 
 

@@ -19,9 +19,17 @@ import pytorch_lightning as pl
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from loralab.adapters import save_adapter
 from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
 from loralab.callbacks import AdapterAnalysis, History, MergeCheck, ParameterCount, StepProgressBar, Throughput
-from loralab.checkpoints import AtomicCheckpointIO, LastCheckpoint, checkpoint_step, finished_summary, last_checkpoint
+from loralab.checkpoints import (
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    checkpoint_step,
+    discard_unreadable_checkpoint,
+    finished_summary,
+    last_checkpoint,
+)
 from loralab.config import ConfigError, lora_config_of, model_config_of, validate
 from loralab.console import silence_known_noise
 from loralab.data import SeededDataModule, tokenizer_of
@@ -29,7 +37,7 @@ from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, r
 from loralab.files import write_json
 from loralab.gpt2 import load_gpt2
 from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
-from loralab.lora import inject_lora, save_adapter
+from loralab.lora import inject_lora
 from loralab.model import GPT
 from loralab.model_kinds import KINDS, build_model, kind_of, replace_head
 from loralab.module import LitTransformer
@@ -102,6 +110,9 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
     data = KINDS[cfg.model.kind].data_module(cfg.base, cfg.base.seed, model_config)
 
     def pretrain(checkpoint_dir: Path) -> GPT | ViT:
+        unreadable = discard_unreadable_checkpoint(checkpoint_dir)
+        if unreadable:
+            log.warning("%s: the pretraining starts over", unreadable)
         pl.seed_everything(cfg.base.seed, workers=True, verbose=False)
         model = build_model(model_config)
         optim = {"lr": cfg.base.lr, "warmup_steps": cfg.base.warmup_steps}
