@@ -145,6 +145,29 @@ def test_full_finetuning_trains_every_weight_and_the_adapter_alone_reproduces_th
     assert val_loss == pytest.approx(lora["metrics"]["val/loss"], abs=1e-5)
     assert lora["metrics"]["gain/val_loss"] == pytest.approx(
         lora["metrics"]["base/val_loss"] - lora["metrics"]["val/loss"])
+    # test/loss: the whole test split; forget/loss: the whole held-out part of the base's own
+    # corpus (python_stdlib); base/*: the base alone, before fine-tuning
+    from loralab.run import base_text_data
+
+    untouched, _ = load_base(tiny_base_file(base_cache))
+    source = base_text_data(cfg, base.config.block_size)
+    expected = {"test/loss": mean_loss(base, data.test_dataloader()),
+                "base/test_loss": mean_loss(untouched, data.test_dataloader()),
+                "forget/loss": mean_loss(base, source.val_dataloader()),
+                "base/forget_loss": mean_loss(untouched, source.val_dataloader())}
+    for name, value in expected.items():
+        assert lora["metrics"][name] == pytest.approx(value, abs=1e-5), name
+    assert lora["metrics"]["forget/increase"] == pytest.approx(expected["forget/loss"] - expected["base/forget_loss"],
+                                                               abs=1e-5)
+    assert lora["metrics"]["forget/tokens"] == len(source.val_set) * base.config.block_size
+    assert full["metrics"]["forget/increase"] != lora["metrics"]["forget/increase"]
+
+
+def mean_loss(model: torch.nn.Module, loader) -> float:
+    """Token-weighted mean loss over a whole split, computed directly."""
+    with torch.no_grad():
+        total = sum(model.eval()(x, y)[1].double() * y.numel() for x, y in loader)
+    return (total / sum(y.numel() for _, y in loader)).item()
 
 
 def tiny_base_file(base_cache: Path) -> Path:
