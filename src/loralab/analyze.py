@@ -340,7 +340,7 @@ def log_to_wandb(sweep_dir: Path, adapters: list[Adapter], figures: list[str]) -
     import wandb
     from omegaconf import OmegaConf
 
-    from loralab.loggers import wandb_mode
+    from loralab.wandb_setup import wandb_mode
 
     logger = OmegaConf.load(sweep_dir / logged[0] / ".hydra" / "config.yaml").logger
     group = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.sweep.dir  # the runs' group, as loggers.py names it

@@ -30,7 +30,14 @@ from loralab.callbacks import (
     Throughput,
     log_to_loggers,
 )
-from loralab.checkpoints import AtomicCheckpointIO, LastCheckpoint, checkpoint_step, finished_summary, last_checkpoint
+from loralab.checkpoints import (
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    checkpoint_step,
+    discard_unreadable_checkpoint,
+    finished_summary,
+    last_checkpoint,
+)
 from loralab.config import ConfigError, lora_config_of, model_config_of, validate
 from loralab.console import silence_known_noise
 from loralab.data import TextDataModule, tokenizer_of
@@ -118,6 +125,9 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
     model_config = model_config_of(cfg.model)
 
     def pretrain(checkpoint_dir: Path) -> GPT | ViT:
+        unreadable = discard_unreadable_checkpoint(checkpoint_dir)
+        if unreadable:
+            log.warning("%s: the pretraining starts over", unreadable)
         pl.seed_everything(cfg.base.seed, workers=True, verbose=False)
         model = build_model(model_config)
         optim = {"lr": cfg.base.lr, "warmup_steps": cfg.base.warmup_steps}
