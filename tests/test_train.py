@@ -191,12 +191,14 @@ def test_own_text_files_with_the_csv_logger(tmp_path, base_cache):
     rows = list(csv.DictReader((tmp_path / "csv" / "finetune" / "metrics.csv").open()))
     logged = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert logged == pytest.approx([v for _, v in s["history"]["train/loss"]])
-    # validation is on string.py: the base's val/loss there is what the base computes on its bytes
+    # validation is on the first half of string.py (the second is the test split, data.test_fraction
+    # = data.val_fraction): the base's val/loss there is what the base computes on its bytes
     from loralab.base import load_base
     from loralab.data import TextDataModule
 
     data = TextDataModule(corpus="text", train_path=textwrap.__file__, val_path=string.__file__, block_size=64,
-                          batch_size=8)
+                          batch_size=8, val_fraction=0.1, test_fraction=0.1)
+    assert len(data.val_set.ids) == round(len(open(string.__file__, "rb").read()) / 2)
     base = load_base(tiny_base_file(base_cache))[0].eval()
     batches = list(data.val_dataloader())
     with torch.no_grad():

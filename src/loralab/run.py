@@ -255,10 +255,10 @@ def print_result(summary: dict) -> None:
     m = summary.get("metrics", {})
     line = f"[loralab] {summary['name']}: {summary['status']}"
     if "val/loss" in m:
-        line += (f" | val/loss {m['val/loss']:.4f} (base {m['base/val_loss']:.4f}, gain {m['gain/val_loss']:+.4f})"
-                 f" | test/loss {m['test/loss']:.4f}")
-        if "forget/increase" in m:
-            line += f" | forget/increase {m['forget/increase']:+.4f}"
+        line += f" | val/loss {m['val/loss']:.4f} (base {m['base/val_loss']:.4f}, gain {m['gain/val_loss']:+.4f})"
+        for name in ("test/loss", "forget/increase"):  # absent from runs recorded before them, and forget from GPT-2's
+            if name in m:
+                line += f" | {name} {m[name]:{'+' if name.startswith('forget') else ''}.4f}"
         line += (f" | trainable {m['params/trainable']:,} ({m['params/trainable_pct']:.2f}%)")
         if "lora/merge_max_abs_diff" in m:
             line += f" | merge diff {m['lora/merge_max_abs_diff']:.1e} {'ok' if m['lora/merge_ok'] else 'FAILED'}"
