@@ -130,8 +130,9 @@ def test_full_finetuning_trains_every_weight_and_the_adapter_alone_reproduces_th
     base, _ = load_base(tiny_base_file(base_cache))
     # The adapter on the cached base reproduces the run's final val/loss: training
     # changed nothing but the adapter.
+    from loralab.adapters import load_adapter
     from loralab.data import TextDataModule
-    from loralab.lora import load_adapter, lora_layers
+    from loralab.lora import lora_layers
 
     load_adapter(base, tmp_path / "lora" / "adapter")
     assert lora_layers(base)

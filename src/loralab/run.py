@@ -20,6 +20,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from loralab.adapters import save_adapter
 from loralab.base import BaseIdentity, build_model, cached_base, load_base, weights_sha256
 from loralab.callbacks import (
     AdapterAnalysis,
@@ -45,7 +46,7 @@ from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, r
 from loralab.files import write_json
 from loralab.gpt2 import load_gpt2
 from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
-from loralab.lora import inject_lora, save_adapter
+from loralab.lora import inject_lora
 from loralab.model import GPT
 from loralab.module import LitGPT
 from loralab.provenance import provenance
