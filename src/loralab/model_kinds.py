@@ -35,16 +35,19 @@ class ModelKind:
 def text_data(section: DictConfig, seed: int, config: GPTConfig, tokenizer=None):
     from loralab.data import TextDataModule
 
+    # a base's section holds out no test part: it has no test_fraction
     return TextDataModule(corpus=section.corpus, block_size=config.block_size, batch_size=section.batch_size,
-                          val_fraction=section.val_fraction, max_bytes=section.max_bytes,
-                          train_path=section.get("train_path"), val_path=section.get("val_path"),
+                          val_fraction=section.val_fraction, test_fraction=section.get("test_fraction", 0.0),
+                          max_bytes=section.max_bytes, train_path=section.get("train_path"),
+                          val_path=section.get("val_path"), test_path=section.get("test_path"),
                           tokenizer=tokenizer, seed=seed)
 
 
 def digits_data(section: DictConfig, seed: int, config: ViTConfig, tokenizer=None):
     from loralab.vision_data import DigitsDataModule
 
-    return DigitsDataModule(section.corpus, section.batch_size, section.val_fraction, seed)
+    return DigitsDataModule(section.corpus, section.batch_size, section.val_fraction,
+                            section.get("test_fraction", 0.0), seed)
 
 
 def text_corpora() -> tuple[str, ...]:
