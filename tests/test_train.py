@@ -148,10 +148,9 @@ def test_full_finetuning_trains_every_weight_and_the_adapter_alone_reproduces_th
         lora["metrics"]["base/val_loss"] - lora["metrics"]["val/loss"])
     # test/loss: the whole test split; forget/loss: the whole held-out part of the base's own
     # corpus (python_stdlib); base/*: the base alone, before fine-tuning
-    from loralab.run import base_text_data
-
     untouched, _ = load_base(tiny_base_file(base_cache))
-    source = base_text_data(cfg, base.config.block_size)
+    source = TextDataModule(block_size=base.config.block_size, corpus=cfg.base.corpus, max_bytes=cfg.base.max_bytes,
+                            val_fraction=cfg.base.val_fraction, batch_size=cfg.base.batch_size)
     expected = {"test/loss": mean_loss(base, data.test_dataloader()),
                 "base/test_loss": mean_loss(untouched, data.test_dataloader()),
                 "forget/loss": mean_loss(base, source.val_dataloader()),
