@@ -147,6 +147,8 @@ def check_model_and_lora(cfg: DictConfig, problems: Problems, skip: set[str]) ->
     lora_config = None if "lora" in skip else problems.build("lora", lambda: lora_config_of(cfg.lora))
     problems.require(cfg.lora.enabled or cfg.lora.quantize == "none", "lora.quantize", cfg.lora.quantize,
                      "'none' with lora.enabled=false (lora=full trains every weight: none can stay quantized)")
+    problems.require(cfg.lora.enabled or not cfg.lora.dora, "lora.dora", cfg.lora.dora,
+                     "false with lora.enabled=false (lora=full has no low-rank update for DoRA to decompose)")
     if lora_config is not None and base_config is not None:
         with torch.device("meta"):  # rank against the real layer shapes, at no cost
             problems.build("lora", lambda: inject_lora(build_model(base_config), lora_config))
@@ -258,6 +260,10 @@ def check_training(cfg: DictConfig, problems: Problems) -> None:
     problems.number(cfg.optim.lr, "optim.lr")
     problems.number(cfg.optim.weight_decay, "optim.weight_decay", low_open=False)
     problems.number(cfg.optim.min_lr_ratio, "optim.min_lr_ratio", low_open=False, high=1)
+    problems.number(cfg.optim.lora_plus_ratio, "optim.lora_plus_ratio")
+    problems.require(cfg.lora.enabled or cfg.optim.lora_plus_ratio == 1, "optim.lora_plus_ratio",
+                     cfg.optim.lora_plus_ratio, "1 with lora.enabled=false (LoRA+ sets the lr of lora_B, which "
+                     "lora=full does not have)")
     problems.require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, "an integer >= 0")
     problems.require(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
                      list(cfg.optim.betas), "two numbers in [0, 1)")

@@ -14,6 +14,7 @@ from torchmetrics.text import Perplexity
 from loralab.model import GPT
 from loralab.model_kinds import kind_of
 from loralab.schedule import warmup_cosine
+from loralab.variants import lora_plus_param_groups
 from loralab.vit import ViT
 
 
@@ -23,10 +24,11 @@ class LitTransformer(pl.LightningModule):
     training loss stops the run as diverged."""
 
     def __init__(self, model: GPT | ViT, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
-                 warmup_steps: int = 0, min_lr_ratio: float = 0.1, max_steps: int = 1):
+                 warmup_steps: int = 0, min_lr_ratio: float = 0.1, max_steps: int = 1, lora_plus_ratio: float = 1.0):
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.lora_plus_ratio = lora_plus_ratio
         self.schedule = warmup_cosine(warmup_steps, max_steps, min_lr_ratio)
         n_classes = kind_of(model).n_classes(model)
         # a NaN batch makes val/loss inf, never dropped ("disable" would also drop the weights)
@@ -79,7 +81,10 @@ class LitTransformer(pl.LightningModule):
         set_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.lora_plus_ratio == 1:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+        else:  # LoRA+: B at lora_plus_ratio × A's lr
+            params = lora_plus_param_groups(self.model, self.lr, self.lora_plus_ratio, self.weight_decay)
         optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -47,6 +47,8 @@ class JobSpec:
 
 def unpackable(config: LoRAConfig) -> str | None:
     """Why a LoRA config cannot train in a pack (it then trains alone), or None."""
+    if config.init == "pissa":  # its residual would change the base the pack shares
+        return "lora.init='pissa' is not packed"
     default = LoRAConfig()
     for f in fields(LoRAConfig):
         if f.name not in PACKABLE_LORA and getattr(config, f.name) != getattr(default, f.name):
