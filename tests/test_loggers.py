@@ -179,3 +179,25 @@ def test_a_run_names_itself_and_can_skip_the_adapter_artifact(tmp_path, base_cac
     assert (run_dir / "adapter" / "adapter.safetensors").is_file()  # skipped in W&B only
     assert f"[loralab] results: {run_dir}\n" in result.stdout
     assert f"wandb sync {run_dir}/wandb/offline-run-*" in result.stdout
+
+
+@pytest.mark.slow
+def test_online_with_an_unreachable_server_logs_offline_after_a_bounded_wait(monkeypatch, tmp_path, caplog):
+    """W&B's own wait is 90 s, then a traceback; here the run goes on offline and says so."""
+    import time
+
+    from loralab.wandb_setup import ONLINE_WAIT_S, start_wandb
+
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
+    started = time.monotonic()
+    run = start_wandb("auto", project="p", dir=str(tmp_path), id="unreachable1", resume="allow", config={"x": 1})
+    waited = time.monotonic() - started
+    run.log({"train/loss": 1.0})
+    run.finish()
+    assert run.settings.mode == "offline"
+    assert waited < ONLINE_WAIT_S + 30  # the bounded wait, and a restart of W&B's service
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "loralab.wandb_setup"]
+    assert "logging offline instead" in warning and f"wandb sync {tmp_path}/wandb/offline-run-*" in warning
+    assert list((tmp_path / "wandb").glob("offline-run-*-unreachable1"))

@@ -8,19 +8,16 @@ import pytest
 import torch
 import torch.nn as nn
 
+from loralab.adapters import load_adapter, load_lora_state_dict, lora_state_dict, save_adapter
 from loralab.lora import (
     LoRAConfig,
     LoRALinear,
     analytic_lora_parameters,
     count_parameters,
     inject_lora,
-    load_adapter,
-    load_lora_state_dict,
     lora_layers,
-    lora_state_dict,
     merge_and_unload,
     merge_lora,
-    save_adapter,
     unmerge_lora,
 )
 from loralab.model import GPT, GPTConfig
@@ -219,7 +216,7 @@ def test_invalid_config_values_name_the_field(field, value):
 def test_unknown_choices_list_the_allowed_values():
     with pytest.raises(ValueError, match=r"\['standard', 'rslora'\]"):
         LoRAConfig(scaling="sqrt")
-    with pytest.raises(ValueError, match=r"\['kaiming', 'gaussian'\]"):
+    with pytest.raises(ValueError, match=r"\['kaiming', 'gaussian', 'pissa'\]"):
         LoRAConfig(init="xavier")
 
 

@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from loralab.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from loralab.analysis import analyze_adapter, random_subspace_similarity, subspace_similarity
 from loralab.base import BaseError, load_base, load_recorded_base
 from loralab.files import write_atomic
-from loralab.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_scale
+from loralab.lora import lora_scale
 from loralab.overrides import declared_sweep, job_order, swept_overrides, varying_keys
 
 RANK_KEY, SEED_KEY = "lora.rank", "seed"

@@ -22,14 +22,14 @@ import torch
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.base import BaseError, build_model, config_of_base, read_base_metadata
+from loralab.base import BaseError, config_of_base, read_base_metadata
 from loralab.data import CORPORA, ByteTokenizer, corpus_splits, read_text_file, tokenizer_of
 from loralab.gpt2 import WEIGHTS, read_gpt2_config
 from loralab.hardware import available_accelerators, device_kind, precision_problem, unified_precision
 from loralab.lora import LoRAConfig, inject_lora
 from loralab.model import GPTConfig
+from loralab.model_kinds import KINDS, build_model
 from loralab.schema import TrainConfig
-from loralab.vision_data import DIGIT_CORPORA
 from loralab.vit import ViTConfig
 
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
@@ -101,7 +101,7 @@ def validate(cfg: DictConfig) -> None:
         base_config = check_model_and_lora(cfg, problems, skip={where for _, where in unknown})
         tokenizer = None if base_config is None else problems.build(  # a GPT-2 tokenizer needs `tokenizers`
             "model.pretrained", lambda: tokenizer_of(cfg.model.pretrained))
-        corpora = tuple(DIGIT_CORPORA) if cfg.model.kind == "vit" else CORPORA
+        corpora = KINDS.get(cfg.model.kind, KINDS["gpt"]).corpora()  # a bad kind is reported above
         text_config = base_config if isinstance(base_config, GPTConfig) else None  # images need no block check
         check_data(cfg.data, "data", problems, text_config, tokenizer, corpora)
         pretrains = not cfg.model.pretrained and not cfg.base.checkpoint
@@ -149,6 +149,8 @@ def check_model_and_lora(cfg: DictConfig, problems: Problems, skip: set[str]) ->
     lora_config = None if "lora" in skip else problems.build("lora", lambda: lora_config_of(cfg.lora))
     problems.require(cfg.lora.enabled or cfg.lora.quantize == "none", "lora.quantize", cfg.lora.quantize,
                      "'none' with lora.enabled=false (lora=full trains every weight: none can stay quantized)")
+    problems.require(cfg.lora.enabled or not cfg.lora.dora, "lora.dora", cfg.lora.dora,
+                     "false with lora.enabled=false (lora=full has no low-rank update for DoRA to decompose)")
     if lora_config is not None and base_config is not None:
         with torch.device("meta"):  # rank against the real layer shapes, at no cost
             problems.build("lora", lambda: inject_lora(build_model(base_config), lora_config))
@@ -201,7 +203,8 @@ def checkpoint_config(path: str, problems: Problems) -> GPTConfig | ViTConfig | 
 def check_data(node: DictConfig, section: str, problems: Problems, base_config: GPTConfig | None = None,
                tokenizer=None, corpora: tuple[str, ...] = CORPORA) -> None:
     """The section's keys, its files (readable UTF-8 text) and, given the base's config, that
-    the train and the validation split each hold at least one block of the model."""
+    the train, validation and test splits each hold at least one block of the model. A
+    base's section has no test split (no ``test_fraction``)."""
     before = len(problems.lines)
     problems.require(node.corpus in corpora, f"{section}.corpus", node.corpus, f"one of {list(corpora)}")
     if node.corpus == "text" and node.get("train_path") is None:
@@ -209,9 +212,13 @@ def check_data(node: DictConfig, section: str, problems: Problems, base_config: 
                               f"(add {section}.train_path=my.txt)")
     problems.positive_int(node.batch_size, f"{section}.batch_size")
     problems.require(0 < node.val_fraction < 1, f"{section}.val_fraction", node.val_fraction, "a number in (0, 1)")
+    test_fraction = node.get("test_fraction")
+    if test_fraction is not None:
+        problems.require(0 < test_fraction < 1 - node.val_fraction, f"{section}.test_fraction", test_fraction,
+                         f"a number in (0, 1 - val_fraction={node.val_fraction})")
     if node.max_bytes is not None:
         problems.positive_int(node.max_bytes, f"{section}.max_bytes")
-    for key in ("train_path", "val_path"):
+    for key in ("train_path", "val_path", "test_path"):
         path = node.get(key)
         if path is None or node.corpus != "text":
             continue
@@ -228,22 +235,31 @@ def check_data(node: DictConfig, section: str, problems: Problems, base_config: 
 
 def check_splits_hold_a_block(node: DictConfig, section: str, problems: Problems, block_size: int,
                               tokenizer) -> None:
-    """Both splits, made as ``data.corpus_splits`` makes them, hold ``block_size + 1`` tokens;
+    """Every split, made as ``data.corpus_splits`` makes them, holds ``block_size + 1`` tokens;
     the line names the key that made them short (the file, or ``max_bytes`` where it cut)."""
-    val_path = node.get("val_path") if node.corpus == "text" else None
-    train, val = corpus_splits(node.corpus, node.max_bytes, node.val_fraction, node.get("train_path"), val_path)
+    paths = {key: node.get(key) if node.corpus == "text" else None for key in ("val_path", "test_path")}
+    splits = corpus_splits(node.corpus, node.max_bytes, node.val_fraction, node.get("test_fraction") or 0.0,
+                           node.get("train_path"), paths["val_path"], paths["test_path"])
     needed = block_size + 1
-    counts = {"train": tokenizer.count(train), "validation": tokenizer.count(val)}
+    counts = {"train": tokenizer.count(splits.train), "validation": tokenizer.count(splits.val)}
+    if node.get("test_fraction"):
+        counts["test"] = tokenizer.count(splits.test)
     short = [split for split, tokens in counts.items() if tokens < needed]
     if not short:
         return
-    cut = node.max_bytes is not None and len(train) + (0 if val_path else len(val)) >= node.max_bytes
-    if short == ["validation"] and val_path:
+    cut_from_train = len(splits.train) + (0 if paths["val_path"] else len(splits.val) + len(splits.test))
+    cut = node.max_bytes is not None and not paths["val_path"] and cut_from_train >= node.max_bytes
+    if short == ["test"] and paths["test_path"]:
+        key = "test_path"
+    elif set(short) <= {"validation", "test"} and paths["val_path"]:
         key = "val_path"
     else:
         key = "max_bytes" if cut else "train_path" if node.corpus == "text" else "corpus"
     held = ", ".join(f"{counts[split]} in the {split} split" for split in short)
-    split_by = "" if val_path else f" (val_fraction={node.val_fraction})"
+    fractions = [f"val_fraction={node.val_fraction}"] if not paths["val_path"] else []
+    if counts.keys() >= {"test"} and not paths["test_path"]:
+        fractions.append(f"test_fraction={node.test_fraction}")
+    split_by = f" ({', '.join(fractions)})" if fractions else ""
     problems.require(False, f"{section}.{key}", node[key],
                      f"text for at least one block of the model ({needed} tokens) in each split; it holds "
                      f"{held}{split_by}")
@@ -259,6 +275,10 @@ def check_training(cfg: DictConfig, problems: Problems) -> None:
     problems.number(cfg.optim.lr, "optim.lr")
     problems.number(cfg.optim.weight_decay, "optim.weight_decay", low_open=False)
     problems.number(cfg.optim.min_lr_ratio, "optim.min_lr_ratio", low_open=False, high=1)
+    problems.number(cfg.optim.lora_plus_ratio, "optim.lora_plus_ratio")
+    problems.require(cfg.lora.enabled or cfg.optim.lora_plus_ratio == 1, "optim.lora_plus_ratio",
+                     cfg.optim.lora_plus_ratio, "1 with lora.enabled=false (LoRA+ sets the lr of lora_B, which "
+                     "lora=full does not have)")
     problems.require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, "an integer >= 0")
     problems.require(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
                      list(cfg.optim.betas), "two numbers in [0, 1)")
@@ -310,10 +330,9 @@ def check_hardware(trainer: DictConfig, problems: Problems) -> None:
 
 def model_config_of(model_cfg: DictConfig) -> GPTConfig | ViTConfig:
     """The GPTConfig (``kind=gpt``) or ViTConfig (``kind=vit``) the model section describes."""
-    kinds = {"gpt": GPTConfig, "vit": ViTConfig}
-    if model_cfg.kind not in kinds:
-        raise ValueError(f"model.kind={model_cfg.kind!r} is invalid: expected one of {list(kinds)}")
-    config_class = kinds[model_cfg.kind]
+    if model_cfg.kind not in KINDS:
+        raise ValueError(f"model.kind={model_cfg.kind!r} is invalid: expected one of {list(KINDS)}")
+    config_class = KINDS[model_cfg.kind].config_class
     return config_class(**{f.name: model_cfg[f.name] for f in dataclasses.fields(config_class)})
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from loralab.adapters import ADAPTER_CONFIG, disable_adapter, load_adapter, set_adapter
 from loralab.base import BaseError, load_recorded_base
 from loralab.files import write_atomic
-from loralab.lora import ADAPTER_CONFIG, disable_adapter, load_adapter, set_adapter
 from loralab.model import GPT
 from loralab.overrides import job_order
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
+from loralab.adapters import ADAPTER_CONFIG, load_adapter
 from loralab.base import BaseError, load_recorded_base
-from loralab.lora import ADAPTER_CONFIG, LoRAConfig, load_adapter
+from loralab.lora import LoRAConfig
 from loralab.model import GPT
 from loralab.overrides import HYDRA_OVERRIDES
 

@@ -18,12 +18,9 @@ This module depends on torch (and safetensors for saving) only.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -31,13 +28,12 @@ import torch.nn.functional as F
 
 from loralab.quant import METHODS as QUANTIZE_METHODS
 from loralab.quant import QuantizedLinear, quantization, quantize_linears, quantized_layers
+from loralab.surgery import replace_module, tied_weights
 
 SCALINGS = ("standard", "rslora")
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa")
 ALL_LINEAR = "all-linear"
 OUTPUT_HEAD = "lm_head"  # never adapted by `all-linear`, as in PEFT
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_ADAPTER = "default"  # the name inject_lora gives, as in PEFT
 
 
@@ -61,6 +57,7 @@ class LoRAConfig:
     init: str = "kaiming"
     quantize: str = "none"
     modules_to_save: list[str] = field(default_factory=list)
+    dora: bool = False
 
     def __post_init__(self):
         if isinstance(self.target_modules, tuple):
@@ -84,6 +81,9 @@ class LoRAConfig:
         _require_field(self.init in INITS, "init", self.init, f"one of {list(INITS)}")
         _require_field(self.quantize in QUANTIZE_METHODS, "quantize", self.quantize,
                        f"one of {list(QUANTIZE_METHODS)}")
+        _require_field(isinstance(self.dora, bool), "dora", self.dora, "true or false")
+        _require_field(self.init != "pissa" or self.quantize == "none", "init", self.init,
+                       f"kaiming or gaussian with quantize={self.quantize!r} (PiSSA's SVD needs the float base)")
 
     @property
     def scale(self) -> float:
@@ -101,21 +101,26 @@ def lora_scale(alpha: float, rank: int, scaling: str = "standard") -> float:
 
 
 class LoRAAdapter(nn.Module):
-    """One named low-rank update ``scale · B A`` while it waits: ``lora_A`` (r × in),
-    ``lora_B`` (out × r), its dropout and its scale. The active adapter's parts sit
-    on the ``LoRALinear`` itself, under loralib's names."""
+    """One named update while it waits: ``lora_A`` (r × in), ``lora_B`` (out × r), its
+    dropout and scale; DoRA's trained magnitude ``lora_magnitude`` (out,); PiSSA's initial
+    factors ``lora_A_init`` / ``lora_B_init`` (frozen buffers: the principal part the base
+    gave up). The active adapter's parts sit on the ``LoRALinear`` itself, under these names."""
 
-    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter, lora_dropout: nn.Module,
-                 rank: int, alpha: float, scaling: str):
+    def __init__(self, rank: int, alpha: float, scaling: str, lora_dropout: nn.Module, **tensors: torch.Tensor | None):
         super().__init__()
-        self.lora_A, self.lora_B, self.lora_dropout = lora_A, lora_B, lora_dropout
         self.rank, self.alpha, self.scaling = rank, alpha, scaling
         self.scale = lora_scale(alpha, rank, scaling)
+        self.lora_dropout = lora_dropout
+        for key in TRAINED:
+            setattr(self, key, tensors.get(key))
+        for key in FROZEN:
+            self.register_buffer(key, tensors.get(key))
 
     @classmethod
     def initialised(cls, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0,
                     scaling: str = "standard", init: str = "kaiming", **factory) -> LoRAAdapter:
-        """A fresh adapter: A random, B zero, so it starts as no change at all (LoRA §4.1)."""
+        """A fresh adapter: A random, B zero, so it starts as no change at all (LoRA §4.1).
+        (PiSSA replaces both from the base's SVD: ``LoRALinear.add_adapter``.)"""
         lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
         if init == "gaussian":
@@ -123,7 +128,19 @@ class LoRAAdapter(nn.Module):
         else:  # the initialisation nn.Linear (and loralib, PEFT) give A
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         dropout_layer = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        return cls(lora_A, lora_B, dropout_layer, rank, alpha, scaling)
+        return cls(rank, alpha, scaling, dropout_layer, lora_A=lora_A, lora_B=lora_B)
+
+
+TRAINED = ("lora_A", "lora_B", "lora_magnitude")  # an adapter's parameters (lora_magnitude: DoRA only)
+FROZEN = ("lora_A_init", "lora_B_init")  # PiSSA only
+
+
+def pissa_factors(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA (Meng et al. 2024, §3): W = U S Vᵀ, A = √(S_r/scale) V_rᵀ (r × in) and
+    B = U_r √(S_r/scale) (out × r), so scale · B A is W's best rank-r approximation."""
+    U, S, Vh = torch.linalg.svd(weight, full_matrices=False)  # (out, k), (k,), (k, in)
+    root = (S[:rank] / scale).sqrt()  # (r,)
+    return root[:, None] * Vh[:rank], U[:, :rank] * root  # (r, in), (out, r)
 
 
 class LoRALinear(nn.Module):
@@ -134,6 +151,10 @@ class LoRALinear(nn.Module):
     a fresh layer computes exactly what the base computed. ``lora_A`` and
     ``lora_B`` are float32 under a bf16/fp16 base (as PEFT keeps them): the LoRA
     path runs in float32 and its result is cast back to the activation dtype.
+
+    Two variants change the update. DoRA (``dora=True``) trains a magnitude per output
+    and normalises the direction: W' = m ⊙ (W + scale·B A) / ‖W + scale·B A‖. PiSSA
+    (``init="pissa"``) starts A, B at W's principal part and leaves the residual in W.
 
     A layer can hold several named adapters (one base, many tasks). The active
     one is the layer's own ``lora_A`` / ``lora_B`` / ``lora_dropout`` / ``rank`` /
@@ -147,8 +168,9 @@ class LoRALinear(nn.Module):
     merging into it must say ``dequantize=True``.
     """
 
-    def __init__(self, base: nn.Linear | QuantizedLinear, rank: int, alpha: float, dropout: float = 0.0,
-                 scaling: str = "standard", init: str = "kaiming", adapter_name: str = DEFAULT_ADAPTER):
+    def __init__(self, base: nn.Linear | QuantizedLinear, *, rank: int, alpha: float, dropout: float = 0.0,
+                 scaling: str = "standard", init: str = "kaiming", dora: bool = False,
+                 adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         if isinstance(base, QuantizedLinear):
@@ -161,7 +183,7 @@ class LoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.merged = False
         self.disabled = False
-        self.add_adapter(adapter_name, rank, alpha, dropout, scaling, init)
+        self.add_adapter(adapter_name, rank, alpha, dropout, scaling, init, dora)
         self.set_adapter(adapter_name)
 
     @property
@@ -172,8 +194,13 @@ class LoRALinear(nn.Module):
         """What holds adapter ``name``'s lora_A, lora_B and scale: the layer itself when it is active."""
         return self if name == self.active_adapter else self.lora_parked[name]
 
+    def base_weight(self) -> torch.Tensor:
+        """The W this layer computes with (a quantized base's: its float32 dequantization)."""
+        return self.weight if self.base_layer is None else self.base_layer.dequantize_weight()
+
+    @torch.no_grad()
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0,
-                    scaling: str = "standard", init: str = "kaiming") -> None:
+                    scaling: str = "standard", init: str = "kaiming", dora: bool = False) -> None:
         """A new adapter, parked and frozen until ``set_adapter(name)``."""
         # float32 at least: bf16 cannot hold the small updates B receives early in training
         # (and a quantized base's integer codes promote to float32 too)
@@ -182,6 +209,25 @@ class LoRALinear(nn.Module):
         adapter = LoRAAdapter.initialised(self.in_features, self.out_features, rank, alpha, dropout, scaling, init,
                                           device=base.device, dtype=dtype)
         self.lora_parked[name] = adapter.requires_grad_(False)
+        if init == "pissa":
+            if self.base_layer is not None:
+                raise ValueError("PiSSA needs a float base to take the SVD of, not a quantized one")
+            A, B = pissa_factors(self.weight.to(dtype), rank, adapter.scale)
+            adapter.lora_A.copy_(A)
+            adapter.lora_B.copy_(B)
+            self.leave_residual(name, A, B)
+        if dora:  # DoRA §4.1: m starts at ‖W + scale·B A‖ (= ‖W‖ unless PiSSA), so W' = W at init
+            weight = self.base_weight().to(dtype) + adapter.scale * adapter.lora_B @ adapter.lora_A
+            adapter.lora_magnitude = nn.Parameter(weight.norm(dim=1), requires_grad=False)  # (out,)
+
+    @torch.no_grad()
+    def leave_residual(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """PiSSA: W becomes the residual W − scale · B A, and adapter ``name`` keeps A, B as
+        its initial factors, which the saved adapter records (the base it applies to is
+        the original W minus them)."""
+        adapter = self.adapter(name)
+        adapter.lora_A_init, adapter.lora_B_init = A.clone(), B.clone()
+        self.weight.copy_((self.weight.to(A.dtype) - adapter.scale * B @ A).to(self.weight.dtype))
 
     def set_adapter(self, name: str | None) -> None:
         """Compute with adapter ``name`` (trainable; the others frozen, as in PEFT), or with
@@ -191,17 +237,26 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear is merged: call unmerge() before switching adapters")
         if self.active_adapter is not None:
+            tensors = {key: getattr(self, key) for key in TRAINED + FROZEN}
             self.lora_parked[self.active_adapter] = LoRAAdapter(
-                self.lora_A, self.lora_B, self.lora_dropout, self.rank, self.alpha, self.scaling).requires_grad_(False)
+                self.rank, self.alpha, self.scaling, self.lora_dropout, **tensors).requires_grad_(False)
             self._empty_slot()
         if name in self.lora_parked:
             adapter = self.lora_parked.pop(name).requires_grad_(True)
-            self.lora_A, self.lora_B, self.lora_dropout = adapter.lora_A, adapter.lora_B, adapter.lora_dropout
+            for key in TRAINED:
+                setattr(self, key, getattr(adapter, key))
+            for key in FROZEN:
+                self.register_buffer(key, getattr(adapter, key))
+            self.lora_dropout = adapter.lora_dropout
             self.rank, self.alpha = adapter.rank, adapter.alpha
             self.scaling, self.scale = adapter.scaling, adapter.scale
             self.active_adapter = name
 
+    @torch.no_grad()
     def delete_adapter(self, name: str) -> None:
+        adapter = self.adapter(name)
+        if adapter.lora_A_init is not None:  # PiSSA: give W its principal part back
+            self.weight.add_((adapter.scale * adapter.lora_B_init @ adapter.lora_A_init).to(self.weight.dtype))
         if name == self.active_adapter:
             if self.merged:
                 raise RuntimeError("LoRALinear is merged: call unmerge() before deleting its active adapter")
@@ -210,7 +265,8 @@ class LoRALinear(nn.Module):
             del self.lora_parked[name]
 
     def _empty_slot(self) -> None:
-        del self.lora_A, self.lora_B, self.lora_dropout
+        for key in TRAINED + FROZEN + ("lora_dropout",):
+            delattr(self, key)
         self.rank = self.alpha = self.scaling = self.scale = self.active_adapter = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,22 +281,58 @@ class LoRALinear(nn.Module):
         x = self.lora_dropout(x.to(self.lora_A.dtype))  # float32 under a bf16/fp16 base
         # (x Aᵀ) Bᵀ: never materialise the (out × in) product B A in training
         lora = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., out)
+        if self.lora_magnitude is not None:
+            return self._dora(x, result, lora)
         return (result + self.scale * lora).to(result.dtype)
+
+    def _dora(self, x: torch.Tensor, result: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        """DoRA (Liu et al. 2024, eq. 5): (m / ‖W + scale·B A‖) ⊙ (W x + scale·B A x) + b, the
+        norm per output taken as a constant for the gradient (§4.3), as PEFT computes it."""
+        weight = self.base_weight().to(lora.dtype)
+        factor = self.lora_magnitude / self._direction_norm(weight)  # (out,)
+        if isinstance(self.lora_dropout, nn.Identity):  # W x is in result already
+            base = result.to(lora.dtype) - (self.bias.to(lora.dtype) if self.bias is not None else 0)
+        else:  # PEFT's choice: the magnitude rescales W on the dropped-out input too
+            base = F.linear(x, weight)  # (..., out)
+        return (result + (factor - 1) * base + factor * self.scale * lora).to(result.dtype)
+
+    @torch.no_grad()  # DoRA §4.3: detached, so this (out × in) product holds no graph
+    def _direction_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """‖W + scale · B A‖ per output (one row of W each): DoRA's column norm (out,)."""
+        return (weight + self.scale * self.lora_B @ self.lora_A).norm(dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         """scale · B A, shape (out, in), in the adapter's dtype (float32, or float64 for a float64 base)."""
         return self.scale * (self.lora_B @ self.lora_A)
 
     def merged_weight(self) -> torch.Tensor:
-        """W + scale · B A, summed in the adapter's dtype and cast to W's once (a quantized
-        base's W is its float32 dequantization)."""
-        delta = self.delta_weight()
-        weight = self.weight if self.base_layer is None else self.base_layer.dequantize_weight()
-        return (weight.to(delta.dtype) + delta).to(weight.dtype)
+        """W + scale · B A (DoRA: rescaled per output to the magnitude), summed in the
+        adapter's dtype and cast to W's once (a quantized base's W is its float32 dequantization)."""
+        weight = self.base_weight()
+        return self._merged(weight.to(self.lora_A.dtype)).to(weight.dtype)
+
+    def _merged(self, weight: torch.Tensor) -> torch.Tensor:
+        merged = weight + self.delta_weight()
+        if self.lora_magnitude is not None:
+            merged = merged * (self.lora_magnitude / merged.norm(dim=1))[:, None]
+        return merged
+
+    def original_weight(self) -> torch.Tensor:
+        """W before any adapter, in the adapter's dtype: the base's (PiSSA: the residual
+        plus the principal part it gave the adapter)."""
+        weight = self.base_weight().to(self.lora_A.dtype)
+        return weight if self.lora_A_init is None else weight + self.scale * self.lora_B_init @ self.lora_A_init
+
+    def effective_delta(self) -> torch.Tensor:
+        """What the adapter adds to the original weight, whatever the variant: the merged
+        weight minus ``original_weight()``, (out, in), of an unmerged layer."""
+        if self.merged:
+            raise RuntimeError("effective_delta needs an unmerged layer: call unmerge() first")
+        return self._merged(self.base_weight().to(self.lora_A.dtype)) - self.original_weight()
 
     @torch.no_grad()
     def merge(self, safe: bool = False, dequantize: bool = False) -> None:
-        """Fold scale · B A into W. Idempotent. ``safe=True`` (PEFT's safe_merge) raises
+        """Fold the update into W. Idempotent. ``safe=True`` (PEFT's safe_merge) raises
         before writing if the merged weight would hold NaN or inf, and leaves W as it was.
 
         A quantized base has no float W to fold into: ``dequantize=True`` replaces it, for
@@ -257,6 +349,8 @@ class LoRALinear(nn.Module):
             _require_finite_merge(merged, self.active_adapter, f"Linear({self.in_features} -> {self.out_features})")
         if self.base_layer is not None:
             self.dequantize_base()
+        if self.lora_magnitude is not None:  # unmerge needs the norm of the W it cannot see then
+            self.merged_norm = self._direction_norm(self.weight.to(self.lora_A.dtype))
         self.weight.copy_(merged)
         self.merged = True
 
@@ -265,12 +359,18 @@ class LoRALinear(nn.Module):
         linear = self.base_layer.to_linear()
         self.weight, self.bias, self.base_layer = linear.weight, linear.bias, None
 
+    def _unmerged_weight(self) -> torch.Tensor:
+        """W as it was before ``merge``, in the adapter's dtype."""
+        merged = self.weight.to(self.lora_A.dtype)
+        if self.lora_magnitude is not None:
+            merged = merged * (self.merged_norm / self.lora_magnitude)[:, None]
+        return merged - self.delta_weight()
+
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take scale · B A back out of W. Idempotent."""
+        """Take the update back out of W. Idempotent."""
         if self.merged:
-            delta = self.delta_weight()
-            self.weight.copy_((self.weight.to(delta.dtype) - delta).to(self.weight.dtype))
+            self.weight.copy_(self._unmerged_weight().to(self.weight.dtype))
             self.merged = False
 
     def to_linear(self, dequantize: bool = False) -> nn.Linear:
@@ -304,7 +404,7 @@ def _require_finite_merge(merged: torch.Tensor, adapter: str, where: str) -> Non
 def linear_names(model: nn.Module) -> list[str]:
     """The Linears LoRA can target: plain ``nn.Linear``s, ``QuantizedLinear``s, and ``LoRALinear``s
     (another adapter), but not the quantized base inside a ``LoRALinear``."""
-    wrapped = {f"{name}.base_layer" for name in _lora_modules(model)}
+    wrapped = {f"{name}.base_layer" for name in lora_modules(model)}
     return [name for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, QuantizedLinear, LoRALinear)) and name not in wrapped]
 
@@ -320,33 +420,30 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
     return [n for n in names if n.rsplit(".", 1)[-1] in leaves]
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Freeze ``model`` and wrap the targeted Linears in ``LoRALinear``, in place: the
-    model's adapter ``"default"``. With ``config.quantize`` (QLoRA) every ``nn.Linear`` but
-    ``lm_head`` is quantized first. Returns the names of the adapted modules (see ``add_adapter``)."""
-    return add_adapter(model, DEFAULT_ADAPTER, config)
-
-
-def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> list[str]:
-    """Give the Linears ``config`` targets an adapter called ``name``, in place.
+def inject_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
+    """Give the Linears ``config`` targets an adapter called ``adapter_name``, in place:
+    each becomes a ``LoRALinear`` wrapping its frozen base.
 
     The model's first adapter is the active one, and everything else is frozen; a later
-    adapter waits, frozen, until ``set_adapter(model, name)``. The first adapter's
-    ``config.quantize`` quantizes the base (QLoRA: every ``nn.Linear`` but ``lm_head``); a
-    later one must name the same. Returns the names of the adapted modules. Raises before
-    changing anything if the name is taken, the quantization differs, nothing matches, the
-    rank is too large for a targeted layer, or a targeted weight is tied to another module
-    (GPT-2's lm_head and wte).
+    adapter waits, frozen, until ``set_adapter(model, name)`` (``loralab.adapters``). The
+    first adapter's ``config.quantize`` quantizes the base (QLoRA: every ``nn.Linear`` but
+    ``lm_head``); a later one must name the same. Returns the names of the adapted modules.
+    Raises before changing anything if the name is taken, the quantization differs, nothing
+    matches, the rank is too large for a targeted layer, or a targeted weight is tied to
+    another module (GPT-2's lm_head and wte).
     """
-    _require_new_name(model, name)
-    _require_unmerged(model, "adding an adapter")
-    _require_quantization(model, name, config.quantize)
+    require_new_adapter_name(model, adapter_name)
+    require_unmerged(model, "adding an adapter")
+    if pissa := variant_adapters(model, "pissa") or (adapter_names(model) if config.init == "pissa" else []):
+        raise ValueError(f"LoRA init='pissa' leaves its residual in the base, so a PiSSA adapter is the model's "
+                         f"only one: cannot add {adapter_name!r} beside {pissa}")
+    _require_quantization(model, adapter_name, config.quantize)
     targets = _validated_targets(model, config)
     saved = modules_to_save(model, config.modules_to_save)
     if clash := sorted(set(targets) & set(saved)):
         raise ValueError(f"LoRA modules_to_save={config.modules_to_save!r} are also LoRA targets: {clash}")
-    active = active_adapter(model) or name
-    if active == name:
+    active = active_adapter(model) or adapter_name
+    if active == adapter_name:
         quantize_linears(model, config.quantize)  # QLoRA quantizes the whole frozen base, not only the targets
         model.requires_grad_(False)
         for module in saved.values():  # trained in full beside the adapter
@@ -354,9 +451,11 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> list[str]:
     for target in targets:
         layer = model.get_submodule(target)
         if isinstance(layer, LoRALinear):
-            layer.add_adapter(name, config.rank, config.alpha, config.dropout, config.scaling, config.init)
+            layer.add_adapter(adapter_name, config.rank, config.alpha, config.dropout, config.scaling, config.init,
+                              config.dora)
         else:
-            layer = LoRALinear(layer, config.rank, config.alpha, config.dropout, config.scaling, config.init, name)
+            layer = LoRALinear(layer, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                               scaling=config.scaling, init=config.init, dora=config.dora, adapter_name=adapter_name)
             replace_module(model, target, layer)
         layer.set_adapter(active)
     return targets
@@ -371,18 +470,13 @@ def modules_to_save(model: nn.Module, leaves: list[str]) -> dict[str, nn.Module]
     return found
 
 
-def _saved_state_dict(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Tensor]:
-    return {f"{name}.{key}": value.detach() for name, module in modules_to_save(model, config.modules_to_save).items()
-            for key, value in module.state_dict().items()}
-
-
 def _require_quantization(model: nn.Module, name: str, quantize: str) -> None:
     """An adapter means something only on a base quantized the way its config says."""
     base = quantization(model)
-    if not _lora_modules(model) and base != "none":  # its config could not say how (block size, skip ...)
+    if not lora_modules(model) and base != "none":  # its config could not say how (block size, skip ...)
         raise ValueError(f"{type(model).__name__} is already quantized: give inject_lora the float model and "
                          f"LoRAConfig(quantize=...), and it quantizes the base itself")
-    if _lora_modules(model) and base != quantize:
+    if lora_modules(model) and base != quantize:
         raise ValueError(f"adapter {name!r} has quantize={quantize!r}, but this model's base has quantize={base!r}: "
                          f"the adapters of one base share its quantization")
 
@@ -392,15 +486,11 @@ def _validated_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     if not targets:
         raise ValueError(f"LoRA target_modules={config.target_modules!r} matched no nn.Linear in "
                          f"{type(model).__name__}; its Linear modules are: {linear_names(model)}")
-    owners: dict[int, list[str]] = {}
-    for param_name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(param_name)
+    for name, tied in tied_weights(model, targets).items():
+        # merging scale·B·A into a shared weight would change the other module too
+        raise ValueError(f"LoRA cannot adapt {name!r}: its weight is tied to {tied}")
     for name in targets:
         layer = model.get_submodule(name)
-        weight = getattr(layer, "weight", None)  # None: a quantized base (quantize_linears refuses tied ones)
-        tied = [n for n in owners[id(weight)] if n != f"{name}.weight"] if weight is not None else []
-        if tied:  # merging scale·B·A into a shared weight would change the other module too
-            raise ValueError(f"LoRA cannot adapt {name!r}: its weight is tied to {tied}")
         if config.rank > min(layer.in_features, layer.out_features):
             raise ValueError(f"LoRA rank={config.rank} is larger than min(in, out)="
                              f"{min(layer.in_features, layer.out_features)} of layer {name!r} "
@@ -408,18 +498,12 @@ def _validated_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     return targets
 
 
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` where ``model``'s submodule ``name`` (e.g. ``transformer.h.0.attn.q_proj``) was."""
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), leaf, module)
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """The layers the active adapter adapts, by name."""
-    return {name: m for name, m in _lora_modules(model).items() if m.active_adapter is not None}
+    return {name: m for name, m in lora_modules(model).items() if m.active_adapter is not None}
 
 
-def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Every ``LoRALinear``, whatever adapters it holds."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -448,7 +532,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Replace every ``LoRALinear`` by a plain ``nn.Linear`` with the active adapter merged, in place
     (other adapters are dropped). A quantized base needs ``dequantize=True``, and then every
     ``QuantizedLinear``, adapted or not, becomes a float32 ``nn.Linear``: a plain float model."""
-    for name, layer in _lora_modules(model).items():
+    for name, layer in lora_modules(model).items():
         replace_module(model, name, layer.to_linear(dequantize))
     if dequantize:
         for name, layer in quantized_layers(model).items():
@@ -456,95 +540,28 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------------------
-# Many adapters, one base: PEFT's names (set_adapter, disable_adapter, delete_adapter)
-
-
 def adapter_names(model: nn.Module) -> list[str]:
     """Every adapter ``model`` holds, in the order its layers list them."""
     names: dict[str, None] = {}
-    for layer in _lora_modules(model).values():
+    for layer in lora_modules(model).values():
         names.update(dict.fromkeys(layer.adapter_names))
     return list(names)
 
 
 def active_adapter(model: nn.Module) -> str | None:
     """The adapter ``model`` computes with; None when it holds none."""
-    return next((m.active_adapter for m in _lora_modules(model).values() if m.active_adapter is not None), None)
+    return next((m.active_adapter for m in lora_modules(model).values() if m.active_adapter is not None), None)
 
 
-def set_adapter(model: nn.Module, name: str) -> None:
-    """Compute and train with adapter ``name``; the others stay, frozen. Exact: parameters
-    are swapped, not copied, so each adapter computes what it computes alone."""
-    _require_adapter(model, name)
-    _require_unmerged(model, "switching adapters")
-    for layer in _lora_modules(model).values():
-        layer.set_adapter(name)
+def variant_adapters(model: nn.Module, variant: str | None = None) -> list[str]:
+    """The adapters that are DoRA (``variant="dora"``) or PiSSA (``"pissa"``); both when None."""
+    keys = {"dora": ("lora_magnitude",), "pissa": ("lora_A_init",), None: ("lora_magnitude", "lora_A_init")}[variant]
+    return [name for name in adapter_names(model)
+            if any(getattr(layer.adapter(name), key) is not None for layer in lora_modules(model).values()
+                   if name in layer.adapter_names for key in keys)]
 
 
-@contextmanager
-def disable_adapter(model: nn.Module):
-    """``with disable_adapter(model): ...`` computes the base alone, exactly."""
-    _require_unmerged(model, "disabling the adapters")
-    layers = list(_lora_modules(model).values())
-    before = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer, disabled in zip(layers, before):
-            layer.disabled = disabled
-
-
-def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` and its parameters, in place. A Linear left with no adapter
-    becomes its frozen base again (``nn.Linear`` or ``QuantizedLinear``). The active
-    adapter can be deleted only when it is the last one: ``set_adapter`` another first."""
-    _require_adapter(model, name)
-    others = [n for n in adapter_names(model) if n != name]
-    if name == active_adapter(model) and others:
-        raise ValueError(f"adapter {name!r} is active: set_adapter(model, one of {others}) before deleting it")
-    _require_unmerged(model, "deleting an adapter")
-    for module_name, layer in _lora_modules(model).items():
-        if name in layer.adapter_names:
-            layer.delete_adapter(name)
-        if not layer.adapter_names:
-            replace_module(model, module_name, layer.to_linear() if layer.base_layer is None else layer.base_layer)
-
-
-@torch.no_grad()
-def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], name: str) -> list[str]:
-    """Add adapter ``name`` with ΔW = Σᵢ wᵢ · scaleᵢ · Bᵢ Aᵢ, exactly ("adapter arithmetic").
-
-    A sum of rank-rᵢ updates has rank up to Σ rᵢ, so in general no adapter of a smaller
-    rank holds it. Stacking does: A = [A₁; A₂; ...] (Σr × in) and B = [w₁·scale₁·B₁, w₂·scale₂·B₂, ...]
-    (out × Σr) give B A = Σᵢ wᵢ · scaleᵢ · Bᵢ Aᵢ, and the new adapter's scale is 1
-    (alpha = rank = Σ rᵢ). A layer that holds only some of ``adapters`` gets the sum of
-    those. The new adapter waits, frozen, like any added one. Returns the layers it adapts.
-    """
-    if not adapters or len(adapters) != len(weights):
-        raise ValueError(f"add_weighted_adapter needs one weight per adapter: got adapters={adapters}, "
-                         f"weights={weights}")
-    for adapter in adapters:
-        _require_adapter(model, adapter)
-    _require_new_name(model, name)
-    _require_unmerged(model, "combining adapters")
-    adapted = []
-    for module_name, layer in _lora_modules(model).items():
-        parts = [(w, layer.adapter(a)) for a, w in zip(adapters, weights) if a in layer.adapter_names]
-        if not parts:
-            continue
-        A = torch.cat([part.lora_A for _, part in parts])  # (Σr, in)
-        B = torch.cat([w * part.scale * part.lora_B for w, part in parts], dim=1)  # (out, Σr)
-        layer.add_adapter(name, rank=A.shape[0], alpha=A.shape[0])
-        layer.adapter(name).lora_A.copy_(A)
-        layer.adapter(name).lora_B.copy_(B)
-        adapted.append(module_name)
-    return adapted
-
-
-def _require_new_name(model: nn.Module, name: str) -> None:
+def require_new_adapter_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[\w-]+", name) or hasattr(nn.ModuleDict, name):
         raise ValueError(f"adapter name {name!r} is invalid: expected letters, digits, '_' or '-' "
                          f"(and not a method of nn.ModuleDict, such as 'keys')")
@@ -552,112 +569,10 @@ def _require_new_name(model: nn.Module, name: str) -> None:
         raise ValueError(f"adapter {name!r} already exists: choose another name, or delete_adapter(model, {name!r})")
 
 
-def _require_adapter(model: nn.Module, name: str) -> None:
-    if name not in adapter_names(model):
-        raise ValueError(f"no adapter {name!r} in this model: it holds {adapter_names(model)}")
-
-
-def _require_unmerged(model: nn.Module, doing: str) -> None:
-    merged = [name for name, layer in _lora_modules(model).items() if layer.merged]
+def require_unmerged(model: nn.Module, doing: str) -> None:
+    merged = [name for name, layer in lora_modules(model).items() if layer.merged]
     if merged:
         raise RuntimeError(f"{doing} needs an unmerged model: {merged[:3]} are merged; unmerge_lora(model) first")
-
-
-# ---------------------------------------------------------------------------
-# Saving and loading adapters
-
-
-def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """Adapter ``adapter_name``'s weights (default: the active one's), under loralib's keys
-    (``...q_proj.lora_A``) whether it is active or parked."""
-    name = adapter_name or active_adapter(model)
-    return {f"{module_name}.{key}": getattr(layer.adapter(name), key).detach()
-            for module_name, layer in _lora_modules(model).items() if name in layer.adapter_names
-            for key in ("lora_A", "lora_B")}
-
-
-@torch.no_grad()
-def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
-                         adapter_name: str | None = None) -> None:
-    """Load adapter weights into adapter ``adapter_name`` (default: the active one); keys and
-    shapes must match that adapter's exactly."""
-    expected = lora_state_dict(model, adapter_name)
-    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"adapter does not fit this model: missing keys {missing[:5]}, "
-                         f"unexpected keys {unexpected[:5]}")
-    for key, value in state_dict.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(f"adapter does not fit this model: {key} has shape {tuple(value.shape)}, "
-                             f"the model expects {tuple(expected[key].shape)}")
-    if any(layer.merged for layer in _lora_modules(model).values()):
-        raise RuntimeError("unmerge the model before loading adapter weights into it")
-    for key, value in state_dict.items():
-        expected[key].copy_(value)  # the detached tensors share the parameters' storage
-
-
-def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, base: dict | None = None) -> Path:
-    """Write the active adapter alone: ``adapter.safetensors`` + ``adapter_config.json``.
-    ``base`` (e.g. ``{"kind": ..., "sha256": ...}``) records the base it was trained on."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = {**lora_state_dict(model), **_saved_state_dict(model, config)}
-    tensors = {k: v.contiguous().cpu() for k, v in weights.items()}
-    save_file(tensors, directory / ADAPTER_WEIGHTS)
-    meta = {"lora": asdict(config), "adapted_modules": sorted(lora_layers(model))}
-    if base is not None:
-        meta["base"] = base
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    return directory
-
-
-def load_adapter(model: nn.Module, directory: str | Path, name: str | None = None,
-                 expected_base_sha256: str | None = None) -> LoRAConfig:
-    """Add the adapter saved in ``directory`` to ``model`` as adapter ``name`` (default
-    ``"default"``) and load its weights; on a base without LoRA it becomes the active one.
-
-    With ``expected_base_sha256``, an adapter that records a different base fails before
-    anything changes; one that records none (an unknown base) loads.
-    """
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    meta = json.loads((directory / ADAPTER_CONFIG).read_text())
-    _require_same_base(meta.get("base"), expected_base_sha256, directory)
-    config = LoRAConfig(**meta["lora"])
-    name = name or DEFAULT_ADAPTER
-    weights = load_file(directory / ADAPTER_WEIGHTS, device=str(next(model.parameters()).device))
-    saved = _saved_state_dict(model, config)
-    add_adapter(model, name, config)
-    try:
-        load_lora_state_dict(model, {k: v for k, v in weights.items() if k not in saved}, name)
-        load_saved_modules(saved, weights)
-    except ValueError:
-        delete_adapter(model, name)  # leave the model with the adapters it had
-        raise
-    return config
-
-
-@torch.no_grad()
-def load_saved_modules(saved: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
-    """Copy the modules_to_save weights of an adapter file into the model's tensors ``saved``."""
-    for key, tensor in saved.items():  # all checked before any is changed
-        if key not in weights or weights[key].shape != tensor.shape:
-            raise ValueError(f"adapter does not fit this model: modules_to_save weight {key} is missing or has "
-                             f"another shape than {tuple(tensor.shape)}")
-    for key, tensor in saved.items():
-        tensor.copy_(weights[key])
-
-
-def _require_same_base(recorded: dict | None, expected_sha256: str | None, directory: Path) -> None:
-    """An adapter means something only on the base it was trained on."""
-    recorded_sha256 = (recorded or {}).get("sha256")
-    if expected_sha256 is not None and recorded_sha256 is not None and recorded_sha256 != expected_sha256:
-        raise ValueError(f"adapter {directory} was trained on base {recorded.get('kind', '')} "
-                         f"sha256={recorded_sha256}, "
-                         f"not on this base (sha256={expected_sha256}): load it onto the base it was trained on")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -668,5 +583,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def analytic_lora_parameters(model: nn.Module) -> int:
-    """Σ r · (in + out) over the layers the active adapter adapts: what LoRA should add."""
-    return sum(m.rank * (m.in_features + m.out_features) for m in lora_layers(model).values())
+    """Σ r · (in + out) over the layers the active adapter adapts (+ out for DoRA's
+    magnitude): what the adapter should add."""
+    return sum(m.rank * (m.in_features + m.out_features) + (m.out_features if m.lora_magnitude is not None else 0)
+               for m in lora_layers(model).values())

@@ -12,6 +12,8 @@ from pathlib import Path
 
 HYDRA_OVERRIDES = ".hydra/overrides.yaml"  # Hydra writes it into the job directory before the job starts
 MULTIRUN_YAML = "multirun.yaml"  # Hydra's sweepers write it into the sweep directory before any job starts
+SEED_KEY = "seed"
+RANK_KEY = "lora.rank"
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, str, str]]:

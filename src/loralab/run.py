@@ -1,4 +1,4 @@
-"""One run, composed from a config: the flow of the design notes, top to bottom.
+"""One run, composed from a config, top to bottom:
 
     config ─► validate ─► base model (load, or pretrain once and cache) ─► seed ─►
     data ─► inject LoRA ─► Trainer.fit ─► evaluate ─► adapter + summary.json ─►
@@ -20,9 +20,19 @@ import pytorch_lightning as pl
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
+from torch.utils.data import DataLoader
 
-from loralab.base import BaseIdentity, build_model, cached_base, load_base, weights_sha256
-from loralab.callbacks import AdapterAnalysis, History, MergeCheck, ParameterCount, StepProgressBar, Throughput
+from loralab.adapters import save_adapter
+from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
+from loralab.callbacks import (
+    AdapterAnalysis,
+    History,
+    MergeCheck,
+    ParameterCount,
+    StepProgressBar,
+    Throughput,
+    log_to_loggers,
+)
 from loralab.checkpoints import (
     AtomicCheckpointIO,
     LastCheckpoint,
@@ -33,17 +43,17 @@ from loralab.checkpoints import (
 )
 from loralab.config import ConfigError, lora_config_of, model_config_of, validate
 from loralab.console import silence_known_noise
-from loralab.data import TextDataModule, tokenizer_of
+from loralab.data import SeededDataModule, tokenizer_of
 from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, run_only_this_job
 from loralab.files import write_json
 from loralab.gpt2 import load_gpt2
 from loralab.loggers import RunIdentity, finish_logger, log_adapter, make_logger, run_identity
-from loralab.lora import inject_lora, save_adapter
+from loralab.lora import inject_lora
 from loralab.model import GPT
-from loralab.module import LitGPT
+from loralab.model_kinds import KINDS, build_model, kind_of, replace_head
+from loralab.module import LitTransformer
 from loralab.provenance import provenance
 from loralab.sweep_console import where_results
-from loralab.vision_data import DigitsDataModule
 from loralab.vit import ViT
 
 log = logging.getLogger(__name__)
@@ -69,12 +79,11 @@ def train(cfg: DictConfig) -> float:
         model, base = base_model(cfg, identity)
         summary["base"] = base.to_dict()
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        if isinstance(model, ViT):
-            data = DigitsDataModule(cfg.data.corpus, cfg.data.batch_size, cfg.data.val_fraction, cfg.seed)
-            ViT._init_weights(model.head)  # the base's head classified other digits: a new one, from this seed
-        else:
-            data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed,
-                                  tokenizer=tokenizer_of(cfg.model.pretrained), **cfg.data)
+        kind = kind_of(model)
+        data = kind.data_module(cfg.data, cfg.seed, model.config, tokenizer_of(cfg.model.pretrained))
+        if kind.new_head:  # the base's head classified other classes: a new one, from this seed
+            replace_head(model)
+        held_out = {"test": data.test_dataloader(), **source_held_out(cfg, model)}
         lora_config = lora_config_of(cfg.lora)
         if lora_config is not None:
             adapted = inject_lora(model, lora_config)
@@ -86,7 +95,8 @@ def train(cfg: DictConfig) -> float:
                 log_adapter(logger, cfg, adapter_dir, base.sha256)
 
         result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim,
-                     checkpoint_dir=run_dir / "checkpoints", resume=cfg.resume, on_completed=keep_adapter)
+                     checkpoint_dir=run_dir / "checkpoints", resume=cfg.resume, held_out=held_out,
+                     on_completed=keep_adapter)
         summary.update(result)
         # +inf, not NaN, when it diverged: a search ranks it last (Optuna 2.10 refuses a NaN
         # objective, and hydra-optuna-sweeper then stops the whole search)
@@ -116,13 +126,8 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
     if cfg.base.checkpoint:
         model, sha256 = load_base(cfg.base.checkpoint)
         return model, BaseIdentity("checkpoint", str(Path(cfg.base.checkpoint).resolve()), sha256)
-    if cfg.model.kind == "vit":
-        data = DigitsDataModule(cfg.base.corpus, cfg.base.batch_size, cfg.base.val_fraction, cfg.base.seed)
-    else:
-        data = TextDataModule(block_size=cfg.model.block_size, seed=cfg.base.seed, corpus=cfg.base.corpus,
-                              max_bytes=cfg.base.max_bytes, val_fraction=cfg.base.val_fraction,
-                              batch_size=cfg.base.batch_size)
     model_config = model_config_of(cfg.model)
+    data = KINDS[cfg.model.kind].data_module(cfg.base, cfg.base.seed, model_config)
 
     def pretrain(checkpoint_dir: Path) -> GPT | ViT:
         unreadable = discard_unreadable_checkpoint(checkpoint_dir)
@@ -139,13 +144,26 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
     return cached_base(model_config, cfg.base, data.fingerprint, to_absolute_path(cfg.paths.cache_dir), pretrain)
 
 
-def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity, job_type: str,
+def source_held_out(cfg: DictConfig, model: GPT | ViT) -> dict[str, DataLoader]:
+    """{"forget": the held-out part of the corpus the base was pretrained on}, where forgetting
+    is measured (Biderman et al. 2024, "LoRA Learns Less and Forgets Less", §4); {} for a
+    GPT-2 base (pretrained on text we do not hold) and a model whose head fine-tuning replaces
+    (a ViT: the head for its source classes is gone)."""
+    kind = kind_of(model)
+    if cfg.model.pretrained or kind.new_head:
+        return {}
+    return {"forget": kind.data_module(cfg.base, cfg.base.seed, model.config).val_dataloader()}
+
+
+def fit(cfg: DictConfig, model: GPT | ViT, data: SeededDataModule, identity: RunIdentity, job_type: str,
         optim, checkpoint_dir: Path, resume: bool, max_steps: int | None = None,
-        on_completed: Callable | None = None) -> dict:
-    """Train ``model``'s trainable parameters; validate before and after. Checkpoints go to
+        held_out: dict[str, DataLoader] | None = None, on_completed: Callable | None = None) -> dict:
+    """Train ``model``'s trainable parameters; validate before and after, and evaluate each
+    ``held_out`` split ("test", "forget") before and after. Checkpoints go to
     ``checkpoint_dir``; with ``resume`` training continues from the last one there; a run that
     completed is handed, with its logger, to ``on_completed`` before the logger closes. Returns
     the run's status, metrics and loss history, which also go to the logger's summary."""
+    held_out = held_out or {}
     max_steps = max_steps or cfg.trainer.max_steps
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
     replicas, analysis = ReplicaCheck(), AdapterAnalysis()
@@ -154,7 +172,7 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(job_type))
     resume_from = last_checkpoint(checkpoint_dir) if resume else None
-    module = LitGPT(model, max_steps=max_steps, **optim)
+    module = LitTransformer(model, max_steps=max_steps, **optim)
     resumed_at = checkpoint_step(resume_from) if resume_from else None
     logger = make_logger(cfg, identity, job_type, checkpoint_dir, resumed_at)
     if logger is not None:  # the schedule's learning rate at every step, as lr-AdamW
@@ -169,10 +187,13 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
                              inference_mode=False, enable_model_summary=False, default_root_dir=cfg.paths.output_dir)
         # on resume too, for the summary (the model is still the untrained one); its loggers have it
         base = evaluate(trainer, module, data, log=resumed_at is None)
+        base_held_out = evaluate_held_out(trainer, module, held_out)
         if resume_from:
             log.info("Resuming %s from %s", job_type, resume_from)
         trainer.fit(module, data, ckpt_path=resume_from)
         final = evaluate(trainer, module, data)
+        held_out_metrics = held_out_summary(base_held_out, evaluate_held_out(trainer, module, held_out), held_out)
+        log_to_loggers(trainer, held_out_metrics)
         status = "diverged" if module.diverged or not math.isfinite(final["val/loss"]) else "completed"
         tuned = [v for _, v in history.history["val/loss"][1:]]  # the first entry is the base
         metrics = {
@@ -182,7 +203,8 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
             "gain/val_loss": base["val/loss"] - final["val/loss"],
             "train/loss": history.history["train/loss"][-1][1] if history.history["train/loss"] else None,
             "val/tokens": len(data.val_set) * data.block_size,  # what base/ and the final val/ numbers cover
-            **count.metrics, **throughput.metrics, **merge_check.metrics, **replicas.metrics, **analysis.metrics,
+            **held_out_metrics, **count.metrics, **throughput.metrics, **merge_check.metrics, **replicas.metrics,
+            **analysis.metrics,
         }
         result = {"status": status, "job_type": job_type, "steps": trainer.global_step,
                   "metrics": metrics, "history": history.history, "analysis": analysis.layers}
@@ -195,7 +217,7 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
         finish_logger(logger, failed=status == "failed")
 
 
-def evaluate(trainer: pl.Trainer, module: LitGPT, data: TextDataModule, log: bool = True) -> dict:
+def evaluate(trainer: pl.Trainer, module: LitTransformer, data: SeededDataModule, log: bool = True) -> dict:
     """val/ metrics on the whole held-out split; validation during training sees only
     ``trainer.limit_val_batches`` of it, for speed."""
     subsample, trainer.limit_val_batches = trainer.limit_val_batches, 1.0
@@ -206,12 +228,43 @@ def evaluate(trainer: pl.Trainer, module: LitGPT, data: TextDataModule, log: boo
         trainer.limit_val_batches, trainer.loggers = subsample, loggers
 
 
+def evaluate_held_out(trainer: pl.Trainer, module: LitTransformer, held_out: dict[str, DataLoader]) -> dict[str, float]:
+    """The model's loss on each named held-out split, whole. Before training this is the base's
+    evaluation, the same for every job on one base."""
+    return {split: held_out_loss(trainer, module, loader) for split, loader in held_out.items()}
+
+
+def held_out_loss(trainer: pl.Trainer, module: LitTransformer, loader: DataLoader) -> float:
+    """Mean loss over the whole of ``loader``; kept from the loggers, which get it by its own name."""
+    loggers, trainer.loggers = trainer.loggers, []
+    try:
+        return trainer.test(module, dataloaders=loader, verbose=False)[0]["held_out/loss"]
+    finally:
+        trainer.loggers = loggers
+
+
+def held_out_summary(before: dict[str, float], after: dict[str, float], held_out: dict[str, DataLoader]) -> dict:
+    """test/loss and base/test_loss; forget/loss, base/forget_loss and forget/increase (after −
+    before: how much of its own domain the base lost); and the tokens each covers."""
+    metrics = {}
+    for split in before:
+        dataset = held_out[split].dataset
+        tokens = len(dataset) * getattr(dataset, "block_size", 1)  # text windows, or images
+        metrics |= {f"{split}/loss": after[split], f"base/{split}_loss": before[split], f"{split}/tokens": tokens}
+    if "forget" in before:
+        metrics["forget/increase"] = after["forget"] - before["forget"]
+    return metrics
+
+
 def print_result(summary: dict) -> None:
     m = summary.get("metrics", {})
     line = f"[loralab] {summary['name']}: {summary['status']}"
     if "val/loss" in m:
-        line += (f" | val/loss {m['val/loss']:.4f} (base {m['base/val_loss']:.4f}, gain {m['gain/val_loss']:+.4f})"
-                 f" | trainable {m['params/trainable']:,} ({m['params/trainable_pct']:.2f}%)")
+        line += f" | val/loss {m['val/loss']:.4f} (base {m['base/val_loss']:.4f}, gain {m['gain/val_loss']:+.4f})"
+        for name in ("test/loss", "forget/increase"):  # absent from runs recorded before them, and forget from GPT-2's
+            if name in m:
+                line += f" | {name} {m[name]:{'+' if name.startswith('forget') else ''}.4f}"
+        line += (f" | trainable {m['params/trainable']:,} ({m['params/trainable_pct']:.2f}%)")
         if "lora/merge_max_abs_diff" in m:
             line += f" | merge diff {m['lora/merge_max_abs_diff']:.1e} {'ok' if m['lora/merge_ok'] else 'FAILED'}"
     if summary["error"]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.wandb_setup import wandb_mode
+from loralab.wandb_setup import start_wandb, wandb_mode
 
 
 def sweep_group(hydra: DictConfig) -> str:
@@ -29,17 +29,13 @@ def sweep_run(sweep_dir: Path, config: DictConfig, job_type: str):
     (``config``: the sweep's config, as Hydra composed it, with its ``hydra`` section);
     None when the jobs did not log to W&B."""
     logger = config.logger
-    mode = wandb_mode(logger.mode)
-    if logger.kind != "wandb" or mode == "disabled":
+    if logger.kind != "wandb" or wandb_mode(logger.mode) == "disabled":
         yield None
         return
-    import wandb
-
     directory = Path(sweep_dir) / job_type
     directory.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=logger.project, entity=logger.entity, group=logger.group or sweep_group(config.hydra),
-                     job_type=job_type, name=job_type, tags=list(logger.tags) or None, dir=directory, mode=mode,
-                     settings=wandb.Settings(quiet=True))
+    run = start_wandb(logger.mode, project=logger.project, entity=logger.entity, job_type=job_type, name=job_type,
+                      group=logger.group or sweep_group(config.hydra), tags=list(logger.tags) or None, dir=directory)
     try:
         yield run
     finally:
