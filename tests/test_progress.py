@@ -24,3 +24,19 @@ def test_progress_is_shown_in_steps_of_max_steps_across_epochs(capsys):
     out = capsys.readouterr().out  # Lightning writes its bars to stdout
     assert "finetune step: 100%" in out and f"{trainer.max_steps}/{trainer.max_steps}" in out  # ... one bar
     assert "Epoch" not in out and "/-" not in out
+
+
+def test_the_whole_split_evaluations_are_labelled(capsys):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32))
+    data = TextDataModule("pydoc_topics", block_size=32, batch_size=16, max_bytes=6_000)
+    trainer = pl.Trainer(max_steps=2, logger=False, callbacks=[StepProgressBar("finetune")], accelerator="cpu",
+                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
+    module = LitTransformer(model, lr=1e-3, max_steps=2)
+    trainer.validate(module, data, verbose=False)  # what run.evaluate does before training: the base
+    trainer.fit(module, data)
+    trainer.validate(module, data, verbose=False)
+    out = capsys.readouterr().out
+    assert "finetune eval before training (whole val split)" in out
+    assert "finetune eval after training (whole val split)" in out
+    assert "DataLoader" not in out

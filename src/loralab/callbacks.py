@@ -12,7 +12,7 @@ import time
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
-from pytorch_lightning.callbacks.progress.tqdm_progress import _update_n
+from pytorch_lightning.callbacks.progress.tqdm_progress import _update_n, convert_inf
 
 from loralab.lora import analytic_lora_parameters, count_parameters, lora_layers, merge_lora
 from loralab.memory import peak_memory_mb, reset_peak_memory
@@ -128,6 +128,20 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    @property
+    def validation_description(self) -> str:
+        """What a validation bar measures, instead of Lightning's ``Validation DataLoader 0``: the
+        checks during training see ``limit_val_batches``; before and after, the whole split."""
+        if self.trainer.state.fn != "validate":
+            return f"{self.description} val"
+        when = "before training" if self.trainer.global_step == 0 else "after training"
+        return f"{self.description} eval {when} (whole val split)"
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.has_dataloader_changed(dataloader_idx):  # Lightning's, without " DataLoader 0"
+            self.val_progress_bar.reset(total=convert_inf(self.total_val_batches_current_dataloader))
+            self.val_progress_bar.set_description(self.validation_description)
 
 
 class History(pl.Callback):
