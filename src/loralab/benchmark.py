@@ -1,6 +1,6 @@
 """Time the default experiment against its speed targets, side by side, in one run.
 
-    python -m loralab.benchmark            # from the repository root (where train.py is)
+    python -m loralab.benchmark            # from the repository root (or: loralab-benchmark)
 
 Runs, in a fresh temporary output directory (so the first run really pretrains):
 ``python train.py`` twice (first time, then with the base cached) and
@@ -11,6 +11,7 @@ forward and generation speed, checkpoint bytes) is measured by ``python -m loral
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -42,7 +43,8 @@ def sweep_gains(workdir: Path) -> str:
     return ", ".join(f"{r['name']}: {r['metrics']['gain/val_loss']:+.4f}" for r in runs)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="loralab-benchmark", description=__doc__.split("\n\n")[0]).parse_args(argv)
     train_py = Path.cwd() / "train.py"
     if not train_py.is_file():
         sys.exit("error: run python -m loralab.benchmark from the repository root "

@@ -131,11 +131,11 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m loralab.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="loralab-evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. outputs/multirun/<date>/<time>")
     parser.add_argument("overrides", nargs="*", help="data overrides, e.g. data=text data.train_path=new.txt")
     parser.add_argument("--prompt", help="also generate greedily from this prompt with every adapter")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens each generation adds (default 64)")
     args = parser.parse_args(argv)
     # `data=text` picks the group in train.py; on a saved config it is data.corpus=text
     overrides = ["data.corpus=text" if o == "data=text" else o for o in args.overrides]

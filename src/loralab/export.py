@@ -56,7 +56,7 @@ def how_to_rebuild(run_dir: Path, base: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m loralab.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="loralab-export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a run directory written by train.py")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--peft", metavar="OUT_DIR", help="write a PEFT adapter for Hugging Face's GPT-2")

@@ -286,16 +286,17 @@ def print_report(results: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m loralab.savings", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="loralab-savings", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="gpt2", help="a conf/model preset: the shape to measure (default gpt2)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per training step (default 1)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank on q and v (default 8)")
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens to generate")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens before generating")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to measure (default: cuda when present, else cpu)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
