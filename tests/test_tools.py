@@ -1,17 +1,15 @@
 """The command-line tools explain themselves: each usage line names the console script that
-starts it (pyproject.toml's [project.scripts]), and every option has help text."""
+starts it (pyproject.toml's [project.scripts], as installed), and every option has help text."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import tomllib
+from importlib.metadata import entry_points
 
 import pytest
 
-from conftest import ROOT
-
-SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+SCRIPTS = {script.name: script.value for script in entry_points(group="console_scripts")}
 TOOLS = ["report", "export", "analyze", "evaluate", "savings", "benchmark"]
 
 
