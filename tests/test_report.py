@@ -187,6 +187,31 @@ def test_plots_draw_the_means_and_confidence_intervals(tmp_path):
     assert list(train_ax.lines[0].get_ydata()) == pytest.approx([3.0, 2.12])  # mean curve of rank 4
 
 
+def test_plots_label_ranks_and_targets_and_every_panel_has_a_legend(tmp_path):
+    from loralab.plots import SweepResults, plot_loss_curves, plot_val_loss_vs_params
+    from loralab.report import aggregate, load_runs
+
+    job = 0
+    for budget, rank in (("q", 8), ("qv", 4)):  # what experiment=target_modules sweeps
+        for seed in (1, 2):
+            loss = 2.0 + rank / 100 + seed / 1000
+            fake_job(tmp_path, str(job), [f"+lora/budget={budget}", f"seed={seed}"],
+                     {"status": "completed", "error": None,
+                      "history": {"train/loss": [[1, 3.0]], "val/loss": [[1, loss]]},
+                      "metrics": {"val/loss": loss, "best/val_loss": loss, "base/val_loss": 2.5,
+                                  "gain/val_loss": 2.5 - loss, "params/trainable": 1000 * rank},
+                      "config": {"seed": seed, "lora": {"enabled": True, "rank": rank}}})
+            job += 1
+    runs = load_runs(tmp_path)
+    sweep = SweepResults(runs, aggregate(runs), [], None)
+    params_ax = plot_val_loss_vs_params(sweep).axes[0]
+    assert sorted(text.get_text() for text in params_ax.texts) == ["r=4", "r=8"]
+    legend = [text.get_text() for text in params_ax.get_legend().get_texts()]
+    assert "targets=q" in legend and "targets=qv" in legend and not any("+lora/budget" in text for text in legend)
+    for ax in plot_loss_curves(sweep).axes:
+        assert [text.get_text() for text in ax.get_legend().get_texts()] == ["targets=q (n=2)", "targets=qv (n=2)"]
+
+
 def test_rows_follow_job_numbers_and_a_killed_job_is_a_row(tmp_path):
     failed = {"status": "failed", "error": "RuntimeError: out of memory\n(a second line)"}
     for job in ("10", "9"):

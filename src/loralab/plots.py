@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,20 +80,28 @@ def plot_loss_curves(sweep: SweepResults):
     train_ax.set_title("train/loss")
     val_ax.set_title("val/loss (step 0: the base model)")
     for setting in drawn:
-        label = f"{setting.name} (n={len(setting.completed)})"
+        label = f"{readable(setting.name)} (n={len(setting.completed)})"
         for ax, metric in ((train_ax, "train/loss"), (val_ax, "val/loss")):
             steps, means, stds = mean_curve(setting.completed, metric)
             [line] = ax.plot(steps, means, linewidth=1, marker="o" if metric == "val/loss" else None, label=label)
             ax.fill_between(steps, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
                             color=line.get_color(), alpha=0.2)
+    train_ax.legend(fontsize="small")
     val_ax.legend(fontsize="small")
     return figure
+
+
+def readable(overrides: str) -> str:
+    """Hydra's overrides as a legend reads them: ``+lora/budget=q`` and ``lora/targets=q`` are
+    ``targets=q``; no ``+`` prefixes."""
+    overrides = re.sub(r"(^|,)\+{0,2}lora/(budget|targets)=", r"\1targets=", overrides)
+    return re.sub(r"(^|,)[+~]{1,2}", r"\1", overrides)
 
 
 def line_label(setting: Setting) -> str:
     """The setting's swept overrides other than the rank and the seed: one line per value."""
     swept = setting.completed[0].swept
-    return ",".join(o for key, o in swept.items() if key not in (RANK_KEY, SEED_KEY)) or "LoRA"
+    return readable(",".join(o for key, o in swept.items() if key not in (RANK_KEY, SEED_KEY))) or "LoRA"
 
 
 def ci_half_width(est: stats.Estimate) -> float:
@@ -143,6 +152,10 @@ def plot_val_loss_vs_params(sweep: SweepResults):
         mine = [(p, e) for p, e, s in points if not s.completed[0].is_full and line_label(s) == name]
         ax.errorbar([p for p, _ in mine], [e.mean for _, e in mine], yerr=[ci_half_width(e) for _, e in mine],
                     linestyle="none", marker="o", capsize=3, label=name)
+    for params, est, s in points:
+        if s.completed[0].rank is not None:  # which rank each point is
+            ax.annotate(f"r={s.completed[0].rank}", (params, est.mean), textcoords="offset points", xytext=(5, 5),
+                        fontsize="x-small")
     for params, est, s in points:
         if s.completed[0].is_full:
             ax.errorbar([params], [est.mean], yerr=[ci_half_width(est)], marker="*", markersize=14, color="black",
