@@ -1,6 +1,8 @@
 """A local Hugging Face GPT-2 directory through `train.py` end to end, then exported back
 to Hugging Face: as a PEFT adapter and as a merged checkpoint."""
 
+import json
+
 import pytest
 import torch
 
@@ -59,6 +61,25 @@ def test_gpt2_checkpoint_fine_tunes_through_train_py_and_exports(tmp_path, gpt2_
         export([str(run_dir), "--merged", str(tmp_path / "merged")])
         merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
         torch.testing.assert_close(merged(idx).logits, expected, atol=1e-5, rtol=0)
+    # the adapter names its base, and the merged model reads text as its base does
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == str(gpt2_dir.resolve())
+    text = "def main(argv):"
+    expected_ids = tokenizers.Tokenizer.from_file(str(gpt2_dir / "tokenizer.json")).encode(text).ids
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")(text)["input_ids"] == expected_ids != []
+
+
+@pytest.mark.parametrize("targets,ours", [
+    ("[c_attn]", ["q_proj", "k_proj", "v_proj"]),
+    ("[c_proj]", ["o_proj", "fc_out"]),  # PEFT matches the name's ending: attention's and the MLP's
+    ("[attn.c_proj,c_fc]", ["o_proj", "fc_in"]),
+    ("[mlp.c_proj,q_proj]", ["fc_out", "q_proj"]),  # our own names pass through
+])
+def test_hugging_face_gpt2_target_names_map_to_ours(tmp_path, targets, ours):
+    from loralab.config import lora_config_of
+
+    cfg = compose([*TINY, f"lora.target_modules={targets}", f"paths.output_dir={tmp_path}"])
+    assert lora_config_of(cfg.lora).target_modules == ours
 
 
 def test_the_checkpoints_own_tokenizer_is_used(tmp_path, gpt2_dir):

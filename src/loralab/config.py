@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from loralab.base import BaseError, config_of_base, read_base_metadata
 from loralab.data import CORPORA, ByteTokenizer, corpus_splits, read_text_file, tokenizer_of
-from loralab.gpt2 import WEIGHTS, read_gpt2_config
+from loralab.gpt2 import WEIGHTS, our_target_modules, read_gpt2_config
 from loralab.hardware import available_accelerators, device_kind, precision_problem, unified_precision
 from loralab.lora import LoRAConfig, inject_lora
 from loralab.model import GPTConfig
@@ -342,4 +342,6 @@ def lora_config_of(lora_cfg: DictConfig) -> LoRAConfig | None:
         return None
     values = OmegaConf.to_container(lora_cfg, resolve=True)
     values.pop("enabled")
+    if isinstance(values["target_modules"], list):  # Hugging Face GPT-2's names too (c_attn, c_proj, ...)
+        values["target_modules"] = our_target_modules(values["target_modules"])
     return LoRAConfig(**values)

@@ -1,7 +1,8 @@
 """Export a finished LoRA run for Hugging Face: a PEFT adapter, or a merged GPT-2 checkpoint.
 
     python -m loralab.export RUN_DIR --peft OUT_DIR     # adapter_config.json + adapter_model.safetensors
-    python -m loralab.export RUN_DIR --merged OUT_DIR   # config.json + model.safetensors (plain GPT-2)
+    python -m loralab.export RUN_DIR --merged OUT_DIR   # config.json + model.safetensors (plain GPT-2),
+                                                        # and the base's tokenizer files when it has them
 
 The adapter goes onto exactly the base its run recorded (path and weights' SHA-256 in
 ``adapter/adapter_config.json``), quantized as its run quantized it (``lora.quantize``).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -55,6 +57,20 @@ def how_to_rebuild(run_dir: Path, base: dict) -> str:
             f"` from the directory that holds {Path(base['path']).parent} pretrains the same base again")
 
 
+# what a Hugging Face directory reads text with (AutoTokenizer finds any of them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+def copy_tokenizer(base: dict, out: Path) -> None:
+    """The tokenizer files of a Hugging Face base beside the merged weights, so the export reads
+    text as its base did (without them AutoTokenizer finds nothing to load)."""
+    if base["source"] != "gpt2":
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(base["path"]) / name).is_file():
+            shutil.copyfile(Path(base["path"]) / name, Path(out) / name)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="loralab-export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a run directory written by train.py")
@@ -75,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             out = export_peft_adapter(model, config, args.peft, base_model_name_or_path=base_path)
         else:
             out = save_merged_gpt2(model, args.merged, dequantize=True)  # a QLoRA base: float32 weights
+            copy_tokenizer(meta["base"], out)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}")

@@ -34,6 +34,18 @@ QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")  # c_attn's output rows, in 
 OUR_NAME = {hf: ours for ours, hf in HF_NAME.items() if ours not in QKV}  # the Conv1Ds that are one Linear of ours
 CONV1D = ("attn.c_attn", *OUR_NAME)
 
+
+def our_target_modules(targets: list[str]) -> list[str]:
+    """A target list with Hugging Face GPT-2's module names (``c_attn``, ``c_proj``, ``c_fc``,
+    ``attn.c_proj``; matched as PEFT matches them, by the name's ending) as the leaf names of our
+    Linears that hold those weights, so a PEFT config's target_modules carries over: ``c_attn``
+    is q_proj, k_proj, v_proj; ``c_proj`` is o_proj and fc_out. Our own names pass through."""
+    ours = []
+    for target in targets:
+        held = [name for name, hf in HF_NAME.items() if hf == target or hf.endswith(f".{target}")]
+        ours += [name.split(".")[-1] for name in held] or [target]
+    return list(dict.fromkeys(ours))
+
 # GPT2Config's defaults, which a config.json may leave out
 GPT2_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
                  "n_inner": None, "tie_word_embeddings": True, "model_type": "gpt2", "activation_function": "gelu_new",
