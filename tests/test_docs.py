@@ -166,7 +166,7 @@ def test_documented_command_composes(args, conf_dir):
 def test_train_help_names_every_config_group_option_and_experiment():
     help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                                check=True).stdout
-    assert help_text.startswith("python train.py [-m]")  # loralab's own help, not Hydra's stock text
+    assert help_text.startswith("usage: train.py [-m]")  # loralab's own help, not Hydra's stock text
     conf = ROOT / "conf"
     groups = {path.parent.relative_to(conf).as_posix() for path in conf.rglob("*/*.yaml")}
     groups -= {"experiment", "hydra/help"}
