@@ -49,7 +49,7 @@ def test_rank_multirun_gives_one_wandb_run_per_job(tmp_path, base_cache):
         assert len(losses) == 12 and losses == [v for _, v in s["history"]["train/loss"]]
         assert run.summary["params/trainable"] == tiny_qv_lora_params(rank)
         assert run.summary["lora/merge_max_abs_diff"] <= 1e-4
-    ids = {r.run_id for job in range(3) for r in offline_runs(sweep / str(job))}
+    ids = {r.run_id for job in ("0", "1", "2", "report") for r in offline_runs(sweep / job)}  # and the report's run
     assert len(ids) == len(list(sweep.rglob("run-*.wandb")))  # no run was logged into twice
 
 
