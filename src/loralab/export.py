@@ -15,13 +15,19 @@ GPT-2 its adapter would compute something else.
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
 import sys
 from pathlib import Path
 
 import yaml
 
-from loralab.adapters import ADAPTER_CONFIG, load_adapter
+from loralab.adapters import (
+    ADAPTER_CONFIG,
+    AdapterFileError,
+    load_adapter_files,
+    non_finite_weights,
+    read_adapter_config,
+)
 from loralab.base import BaseError, load_recorded_base
 from loralab.lora import LoRAConfig
 from loralab.model import GPT
@@ -35,7 +41,7 @@ def load_finetuned(run_dir: str | Path) -> tuple[GPT, LoRAConfig, dict]:
     meta_file = run_dir / "adapter" / ADAPTER_CONFIG
     if not meta_file.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a completed LoRA run: it has no adapter/{ADAPTER_CONFIG}")
-    meta = json.loads(meta_file.read_text())
+    meta = read_adapter_config(run_dir / "adapter")
     if "base" not in meta:
         raise BaseError(f"{meta_file} does not record its base model (written by an older loralab): "
                         "re-run the run to export it")
@@ -43,7 +49,12 @@ def load_finetuned(run_dir: str | Path) -> tuple[GPT, LoRAConfig, dict]:
         model = load_recorded_base(meta["base"])
     except BaseError as e:
         raise BaseError(f"{e}. {how_to_rebuild(run_dir, meta['base'])}") from None
-    return model, load_adapter(model, run_dir / "adapter"), meta
+    config = load_adapter_files(model, run_dir / "adapter")
+    non_finite = non_finite_weights(model)
+    if non_finite:
+        raise AdapterFileError(f"{run_dir / 'adapter'} holds NaN or inf weights ({non_finite[0]} and "
+                               f"{len(non_finite) - 1} more): a diverged run has nothing to export")
+    return model, config, meta
 
 
 def how_to_rebuild(run_dir: Path, base: dict) -> str:
@@ -51,8 +62,9 @@ def how_to_rebuild(run_dir: Path, base: dict) -> str:
         return "Put that file back where it was (the run loaded it from there)."
     overrides_file = run_dir / HYDRA_OVERRIDES
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    return ("Pretraining is deterministic: running `python train.py " + " ".join(overrides) +
-            f"` from the directory that holds {Path(base['path']).parent} pretrains the same base again")
+    command = shlex.join(["python", "train.py", *overrides])
+    return (f"Pretraining is deterministic: running `{command}` from the directory that holds "
+            f"{shlex.quote(str(Path(base['path']).parent))} pretrains the same base again")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,8 +79,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         model, config, meta = load_finetuned(args.run_dir)
-    except (FileNotFoundError, BaseError) as e:
-        sys.exit(f"error: {e}")
+    except (FileNotFoundError, BaseError, AdapterFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)  # the run's files are not what export needs: nothing was written
     try:
         if args.peft:
             base_path = meta["base"]["path"] if meta["base"]["source"] == "gpt2" else None
