@@ -3,8 +3,9 @@
 import pytest
 from omegaconf import OmegaConf
 
+from loralab.layout import declared_sweep
 from loralab.loggers import flatten, wandb_mode
-from loralab.overrides import declared_sweep, sweep_label
+from loralab.overrides import sweep_label
 
 
 def test_flatten_gives_dotted_keys_wandb_can_group_by():

@@ -15,7 +15,6 @@ and renames, which is atomic.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -25,7 +24,6 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from loralab.files import atomic_path
 
 LAST = "last.ckpt"
-FINISHED = ("completed", "diverged")  # a run with one of these results is never run again by resume=true
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -76,12 +74,3 @@ def checkpoint_step(path: str | Path) -> int:
     """The global step a Lightning checkpoint was saved at (memory-mapped: the weights are not read)."""
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
 
-
-def finished_summary(run_dir: str | Path) -> dict | None:
-    """The run's summary.json when it holds a finished result, else None (never started,
-    killed, or failed: those ``resume=true`` runs again, from their last checkpoint)."""
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    return summary if summary.get("status") in FINISHED else None
