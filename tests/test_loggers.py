@@ -1,11 +1,12 @@
-"""Run naming (overrides.py) and W&B mode selection (loggers.py)."""
+"""Run naming (overrides.py, loggers.py) and W&B mode selection (wandb_setup.py)."""
 
 import pytest
 from omegaconf import OmegaConf
 
 from loralab.layout import declared_sweep
-from loralab.loggers import flatten, wandb_mode
+from loralab.loggers import flatten
 from loralab.overrides import sweep_label
+from loralab.wandb_setup import wandb_mode
 
 
 def test_flatten_gives_dotted_keys_wandb_can_group_by():

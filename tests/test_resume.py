@@ -151,7 +151,7 @@ def kill_at_first_checkpoint(process: subprocess.Popen, checkpoint: Path) -> int
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    return torch.load(checkpoint, weights_only=False)["global_step"]
+    return torch.load(checkpoint, weights_only=True)["global_step"]
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:

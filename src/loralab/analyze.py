@@ -347,7 +347,7 @@ def log_to_wandb(sweep_dir: Path, adapters: list[Adapter], figures: list[str]) -
         return
     import wandb
 
-    from loralab.loggers import wandb_mode
+    from loralab.wandb_setup import wandb_mode
 
     logger = hydra_config(sweep_dir / logged[0]).logger
     group = read_multirun(sweep_dir).sweep.dir  # the runs' group, as loggers.py names it

@@ -11,10 +11,15 @@ Lightning writes through fsspec, whose local "transaction" writes a temporary fi
 the system's temp directory and then *moves* it: across file systems that is a copy,
 so a kill can leave half a checkpoint. ``AtomicCheckpointIO`` writes beside the target
 and renames, which is atomic.
+
+A checkpoint is read back with ``torch.load(weights_only=True)`` only: a run directory or a
+shared cache may hold a file someone else planted, and unpickling it would run its code.
+A file that does not load that way is refused in one line (``CheckpointError``).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -26,8 +31,16 @@ from loralab.files import atomic_path
 LAST = "last.ckpt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read safely: damaged, or not tensors and plain containers."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temporary name in the checkpoint's own directory, then ``os.replace``."""
+    """``torch.save`` to a temporary name in the checkpoint's own directory, then ``os.replace``;
+    loading never unpickles anything but tensors and plain containers."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
@@ -71,6 +84,25 @@ def last_checkpoint(directory: str | Path) -> str | None:
 
 
 def checkpoint_step(path: str | Path) -> int:
-    """The global step a Lightning checkpoint was saved at (memory-mapped: the weights are not read)."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+    """The global step a Lightning checkpoint was saved at (memory-mapped: the weights are not
+    read). CheckpointError, naming the file, when it is not a checkpoint that loads safely."""
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+    except Exception as e:  # truncated, empty, random bytes, a planted pickle: all the same to a resume
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} cannot be resumed from: it is not a checkpoint that loads without unpickling "
+                              f"code ({type(e).__name__}: {reason[:200]}); delete it to train from the start") from None
+
+
+def discard_unreadable_checkpoint(directory: str | Path) -> str | None:
+    """Remove ``directory`` when its checkpoint cannot be resumed from; return why, or None.
+    For checkpoints that can be recomputed (a pretraining), starting over is the way on."""
+    path = last_checkpoint(directory)
+    try:
+        if path is not None:
+            checkpoint_step(path)
+    except CheckpointError as e:
+        shutil.rmtree(directory, ignore_errors=True)
+        return str(e)
+    return None
 

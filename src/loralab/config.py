@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from loralab.base import BaseError, build_model, config_of_base, read_base_metadata
 from loralab.data import CORPORA, ByteTokenizer, corpus_splits, read_text_file, tokenizer_of
 from loralab.gpt2 import WEIGHTS, read_gpt2_config
+from loralab.hardware import available_accelerators, device_kind, precision_problem, unified_precision
 from loralab.lora import LoRAConfig, inject_lora
 from loralab.model import GPTConfig
 from loralab.schema import TrainConfig
@@ -290,47 +291,6 @@ def check_hardware(trainer: DictConfig, problems: Problems) -> None:
         why_not = precision_problem(unified, device)
         problems.require(why_not is None, "trainer.precision", precision,
                          f"a precision the {device} runs as configured; {why_not}")
-
-
-def available_accelerators() -> list[str]:
-    return ["auto", "cpu"] + [name for name in ("cuda", "gpu", "mps") if device_kind(name) is not None]
-
-
-def device_kind(accelerator: str) -> str | None:
-    """``cpu``, ``cuda`` or ``mps``: what ``accelerator`` runs on here; None when this machine has
-    no such device (Lightning's ``gpu`` is CUDA, else MPS; ``auto`` falls back to the CPU)."""
-    from pytorch_lightning.accelerators import CUDAAccelerator, MPSAccelerator
-
-    present = [kind for kind, acc in (("cuda", CUDAAccelerator), ("mps", MPSAccelerator)) if acc.is_available()]
-    if accelerator == "cpu":
-        return "cpu"
-    if accelerator == "auto":
-        return (present + ["cpu"])[0]
-    if accelerator == "gpu":
-        return present[0] if present else None
-    return accelerator if accelerator in present else None
-
-
-def unified_precision(precision) -> str:
-    """Lightning's own name for ``precision`` (16 -> 16-mixed, bf16 -> bf16-mixed); ValueError
-    naming the allowed values for anything Lightning does not accept."""
-    from lightning_fabric.connector import _convert_precision_to_unified_args
-
-    return _convert_precision_to_unified_args(precision)
-
-
-def precision_problem(precision: str, device: str) -> str | None:
-    """Why ``device`` would not run ``precision`` as configured, or None."""
-    if precision.startswith("transformer-engine") and (device != "cuda"
-                                                        or importlib.util.find_spec("transformer_engine") is None):
-        return "transformer-engine needs a CUDA GPU and the transformer_engine package"
-    if device == "cpu" and precision == "16-mixed":
-        return "AMP with float16 does not exist on the CPU: Lightning would run bf16-mixed instead"
-    if device == "cuda" and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
-        return "this GPU has no bfloat16"
-    if device == "mps" and precision == "64-true":
-        return "MPS has no float64"
-    return None
 
 
 def model_config_of(model_cfg: DictConfig) -> GPTConfig | ViTConfig:

@@ -3,7 +3,8 @@
 Exit codes of ``python train.py`` (a script can tell the outcomes apart):
 
     0  completed: the run, or every job of the sweep
-    1  failed: an error during a run (the traceback is printed)
+    1  failed: an error during a run (the traceback is printed; for a checkpoint that cannot
+       be read safely, one line naming it)
     2  invalid config: its problems, one line each and nothing else (no run started)
     3  diverged: the loss became NaN or inf (in a sweep: no job failed, at least one diverged)
 
@@ -46,7 +47,7 @@ def run(hydra_main) -> None:
     except Exception as e:  # a job's error, raised again by Hydra's sweeper after the batch
         if user_wants_full_errors:
             raise
-        sys.stderr.write(job_traceback(e))
+        sys.stderr.write(job_error(e))
         sys.exit(EXIT_FAILED)
 
 
@@ -72,6 +73,15 @@ def config_error_lines(error: CompactHydraException) -> list[str]:
 
 def one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def job_error(error: BaseException) -> str:
+    """What a failed job prints: one line when the error names the file at fault and the way
+    on (a checkpoint that cannot be read safely), else its traceback."""
+    checkpoints = sys.modules.get("loralab.checkpoints")  # the error exists only once that module is imported
+    if checkpoints is not None and isinstance(error, checkpoints.CheckpointError):
+        return f"{error}\n"
+    return job_traceback(error)
 
 
 def job_traceback(error: BaseException) -> str:
@@ -109,7 +119,7 @@ class ExitCode(Callback):
             if isinstance(error, ConfigError):
                 sys.stderr.write(f"{error}\n")
                 sys.exit(EXIT_CONFIG)
-            sys.stderr.write(job_traceback(error))
+            sys.stderr.write(job_error(error))
             sys.exit(EXIT_FAILED)
         if run_status(output_dir(job_return)) == "diverged":
             sys.exit(EXIT_DIVERGED)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import netrc
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from loralab.files import write_atomic
 from loralab.layout import SEED_KEY, swept_keys
 from loralab.overrides import sweep_label, without_resume
 from loralab.provenance import provenance
+from loralab.wandb_setup import wandb_mode
 
 
 @dataclass
@@ -79,22 +78,6 @@ def flatten(config: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def wandb_mode(mode: str) -> str:
-    """WANDB_MODE wins; `auto` is online only when an API key is configured."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if mode != "auto":
-        return mode
-    return "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
-
-
-def _netrc_has_wandb() -> bool:
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
 
 
 def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str, checkpoint_dir: Path,

@@ -11,13 +11,13 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from loralab.hardware import device_kind, device_name
+
 PACKAGES = ("torch", "pytorch-lightning", "hydra-core", "omegaconf", "wandb", "loralab")
 GIT_TIMEOUT_S = 5
 
 
 def provenance(trainer_cfg) -> dict:
-    from loralab.config import device_kind  # here: loralab.config imports Lightning
-
     commit, dirty = git_state(Path(__file__).resolve().parent)
     return {"git_commit": commit, "git_dirty": dirty,
             "versions": {"python": platform.python_version(), **{name: package_version(name) for name in PACKAGES}},
@@ -48,12 +48,3 @@ def git_state(directory: Path) -> tuple[str | None, bool | None]:
         return None, None
     status = git("status", "--porcelain")
     return git("rev-parse", "HEAD"), None if status is None else bool(status)
-
-
-def device_name(kind: str | None) -> str | None:
-    """``cpu``, ``mps``, or the CUDA device's name (e.g. ``NVIDIA H100 80GB HBM3``)."""
-    if kind == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    return kind

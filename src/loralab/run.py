@@ -21,7 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from loralab.base import BaseIdentity, build_model, cached_base, load_base, weights_sha256
 from loralab.callbacks import AdapterAnalysis, History, MergeCheck, ParameterCount, StepProgressBar, Throughput
-from loralab.checkpoints import AtomicCheckpointIO, LastCheckpoint, checkpoint_step, last_checkpoint
+from loralab.checkpoints import (
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    checkpoint_step,
+    discard_unreadable_checkpoint,
+    last_checkpoint,
+)
 from loralab.config import ConfigError, lora_config_of, model_config_of, validate
 from loralab.console import silence_known_noise
 from loralab.data import TextDataModule, tokenizer_of
@@ -109,6 +115,9 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
     model_config = model_config_of(cfg.model)
 
     def pretrain(checkpoint_dir: Path) -> GPT | ViT:
+        unreadable = discard_unreadable_checkpoint(checkpoint_dir)
+        if unreadable:
+            log.warning("%s: the pretraining starts over", unreadable)
         pl.seed_everything(cfg.base.seed, workers=True, verbose=False)
         model = build_model(model_config)
         optim = {"lr": cfg.base.lr, "warmup_steps": cfg.base.warmup_steps}
