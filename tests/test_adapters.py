@@ -8,23 +8,24 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from loralab.adapters import (
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapter,
+    load_adapter,
+    lora_state_dict,
+    save_adapter,
+    set_adapter,
+)
 from loralab.lora import (
     LoRAConfig,
     LoRALinear,
     active_adapter,
     adapter_names,
-    add_adapter,
-    add_weighted_adapter,
     count_parameters,
-    delete_adapter,
-    disable_adapter,
     inject_lora,
-    load_adapter,
     lora_layers,
-    lora_state_dict,
     merge_lora,
-    save_adapter,
-    set_adapter,
 )
 from test_lora import randomize_lora_B, tiny_gpt, tokens
 
@@ -165,7 +166,7 @@ def test_later_adapters_wait_frozen_and_keep_the_first_ones_keys(saved):
     inject_lora(model, CONFIGS["a"])
     keys = set(model.state_dict())
     trainable = count_parameters(model)[0]
-    add_adapter(model, "b", CONFIGS["b"])
+    inject_lora(model, CONFIGS["b"], adapter_name="b")
     assert active_adapter(model) == "default"
     assert keys <= set(model.state_dict())  # "default" keeps loralib's keys: ...q_proj.lora_A
     assert count_parameters(model)[0] == trainable  # only the active adapter trains
@@ -214,7 +215,7 @@ def test_a_failed_load_leaves_the_adapters_as_they_were(saved, tmp_path):
 @pytest.mark.parametrize("name,message", [("a", "already exists"), ("x.y", "invalid"), ("keys", "invalid")])
 def test_bad_adapter_names_are_refused(saved, name, message):
     with pytest.raises(ValueError, match=message):
-        add_adapter(both(saved), name, CONFIGS["a"])
+        inject_lora(both(saved), CONFIGS["a"], adapter_name=name)
 
 
 def test_unknown_adapters_list_the_ones_held(saved):

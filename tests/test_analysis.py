@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from loralab.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_state_dict
 from loralab.analysis import (
     analyze_adapter,
     analyze_model,
@@ -27,7 +28,7 @@ from loralab.analysis import (
     stable_rank,
     subspace_similarity,
 )
-from loralab.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, inject_lora, lora_state_dict
+from loralab.lora import LoRAConfig, LoRALinear, inject_lora
 
 from conftest import TINY, compose, run_train
 from wandb_offline import offline_runs

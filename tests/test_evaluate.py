@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
+from loralab.adapters import load_adapter
 from loralab.base import load_recorded_base
 from loralab.evaluate import BASE, evaluate_sweep
-from loralab.lora import load_adapter
 
 from conftest import read_summary
 

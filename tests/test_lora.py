@@ -8,19 +8,16 @@ import pytest
 import torch
 import torch.nn as nn
 
+from loralab.adapters import load_adapter, load_lora_state_dict, lora_state_dict, save_adapter
 from loralab.lora import (
     LoRAConfig,
     LoRALinear,
     analytic_lora_parameters,
     count_parameters,
     inject_lora,
-    load_adapter,
-    load_lora_state_dict,
     lora_layers,
-    lora_state_dict,
     merge_and_unload,
     merge_lora,
-    save_adapter,
     unmerge_lora,
 )
 from loralab.model import GPT, GPTConfig

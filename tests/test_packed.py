@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loralab.lora import LoRAConfig, inject_lora, lora_state_dict
+from loralab.adapters import lora_state_dict
+from loralab.lora import LoRAConfig, inject_lora
 from loralab.model import GPT, GPTConfig
 from loralab.packed import JobSpec, Pack, unpackable
 from loralab.schedule import warmup_cosine

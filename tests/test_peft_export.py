@@ -17,8 +17,9 @@ from conftest import tiny_hf_gpt2
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from loralab.adapters import lora_state_dict
 from loralab.gpt2 import gpt2_state_dict, load_gpt2, save_merged_gpt2
-from loralab.lora import LoRAConfig, inject_lora, lora_layers, lora_state_dict
+from loralab.lora import LoRAConfig, inject_lora, lora_layers
 from loralab.peft_adapter import PEFT_WEIGHTS, export_peft_adapter, import_peft_adapter
 from loralab.quant import quantized_layers
 

@@ -10,21 +10,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from loralab.lora import (
-    LoRAConfig,
-    adapter_names,
-    add_adapter,
+from loralab.adapters import (
     add_weighted_adapter,
-    count_parameters,
     delete_adapter,
     disable_adapter,
-    inject_lora,
     load_adapter,
-    lora_layers,
-    merge_lora,
     save_adapter,
     set_adapter,
 )
+from loralab.lora import LoRAConfig, adapter_names, count_parameters, inject_lora, lora_layers, merge_lora
 from loralab.model import GPT, GPTConfig
 from loralab.quant import (
     NF4_LEVELS,
@@ -377,7 +371,7 @@ def test_deleting_every_adapter_gives_back_the_quantized_base(saved_nf4):
 def test_the_adapters_of_one_base_share_its_quantization(saved_nf4):
     model = both(saved_nf4)
     with pytest.raises(ValueError, match="adapter 'c' has quantize='none', but this model's base has quantize='nf4'"):
-        add_adapter(model, "c", CONFIGS["a"])
+        inject_lora(model, CONFIGS["a"], adapter_name="c")
     assert adapter_names(model) == ["a", "b"]
     float_model = tiny_gpt()
     inject_lora(float_model, CONFIGS["a"])

@@ -131,8 +131,9 @@ def test_full_finetuning_trains_every_weight_and_the_adapter_alone_reproduces_th
     base, _ = load_base(tiny_base_file(base_cache))
     # The adapter on the cached base reproduces the run's final val/loss: training
     # changed nothing but the adapter.
+    from loralab.adapters import load_adapter
     from loralab.data import TextDataModule
-    from loralab.lora import load_adapter, lora_layers
+    from loralab.lora import lora_layers
 
     load_adapter(base, tmp_path / "lora" / "adapter")
     assert lora_layers(base)
@@ -146,6 +147,29 @@ def test_full_finetuning_trains_every_weight_and_the_adapter_alone_reproduces_th
     assert val_loss == pytest.approx(lora["metrics"]["val/loss"], abs=1e-5)
     assert lora["metrics"]["gain/val_loss"] == pytest.approx(
         lora["metrics"]["base/val_loss"] - lora["metrics"]["val/loss"])
+    # test/loss: the whole test split; forget/loss: the whole held-out part of the base's own
+    # corpus (python_stdlib); base/*: the base alone, before fine-tuning
+    from loralab.run import base_text_data
+
+    untouched, _ = load_base(tiny_base_file(base_cache))
+    source = base_text_data(cfg, base.config.block_size)
+    expected = {"test/loss": mean_loss(base, data.test_dataloader()),
+                "base/test_loss": mean_loss(untouched, data.test_dataloader()),
+                "forget/loss": mean_loss(base, source.val_dataloader()),
+                "base/forget_loss": mean_loss(untouched, source.val_dataloader())}
+    for name, value in expected.items():
+        assert lora["metrics"][name] == pytest.approx(value, abs=1e-5), name
+    assert lora["metrics"]["forget/increase"] == pytest.approx(expected["forget/loss"] - expected["base/forget_loss"],
+                                                               abs=1e-5)
+    assert lora["metrics"]["forget/tokens"] == len(source.val_set) * base.config.block_size
+    assert full["metrics"]["forget/increase"] != lora["metrics"]["forget/increase"]
+
+
+def mean_loss(model: torch.nn.Module, loader) -> float:
+    """Token-weighted mean loss over a whole split, computed directly."""
+    with torch.no_grad():
+        total = sum(model.eval()(x, y)[1].double() * y.numel() for x, y in loader)
+    return (total / sum(y.numel() for _, y in loader)).item()
 
 
 def tiny_base_file(base_cache: Path) -> Path:
@@ -169,12 +193,14 @@ def test_own_text_files_with_the_csv_logger(tmp_path, base_cache):
     rows = list(csv.DictReader((tmp_path / "csv" / "finetune" / "metrics.csv").open()))
     logged = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert logged == pytest.approx([v for _, v in s["history"]["train/loss"]])
-    # validation is on string.py: the base's val/loss there is what the base computes on its bytes
+    # validation is on the first half of string.py (the second is the test split, data.test_fraction
+    # = data.val_fraction): the base's val/loss there is what the base computes on its bytes
     from loralab.base import load_base
     from loralab.data import TextDataModule
 
     data = TextDataModule(corpus="text", train_path=textwrap.__file__, val_path=string.__file__, block_size=64,
-                          batch_size=8)
+                          batch_size=8, val_fraction=0.1, test_fraction=0.1)
+    assert len(data.val_set.ids) == round(len(open(string.__file__, "rb").read()) / 2)
     base = load_base(tiny_base_file(base_cache))[0].eval()
     batches = list(data.val_dataloader())
     with torch.no_grad():

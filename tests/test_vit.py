@@ -7,7 +7,8 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from loralab.lora import LoRAConfig, inject_lora, load_adapter, save_adapter
+from loralab.adapters import load_adapter, save_adapter
+from loralab.lora import LoRAConfig, inject_lora
 from loralab.vision_data import DigitsDataModule
 from loralab.vit import ViT, ViTConfig
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from loralab.adapters import ADAPTER_WEIGHTS
 from loralab.analysis import analyze_adapter, random_subspace_similarity, subspace_similarity
 from loralab.base import BaseError, load_base, load_recorded_base
 from loralab.files import write_atomic
@@ -48,7 +49,7 @@ from loralab.layout import (
     setting_label,
     swept_keys,
 )
-from loralab.lora import ADAPTER_WEIGHTS, lora_scale
+from loralab.lora import lora_scale
 from loralab.overrides import swept_overrides
 
 # (row name in analysis.md, per-layer value of loralab.analysis)

@@ -186,7 +186,8 @@ def checkpoint_config(path: str, problems: Problems) -> GPTConfig | ViTConfig | 
 def check_data(node: DictConfig, section: str, problems: Problems, base_config: GPTConfig | None = None,
                tokenizer=None, corpora: tuple[str, ...] = CORPORA) -> None:
     """The section's keys, its files (readable UTF-8 text) and, given the base's config, that
-    the train and the validation split each hold at least one block of the model."""
+    the train, validation and test splits each hold at least one block of the model. A
+    base's section has no test split (no ``test_fraction``)."""
     before = len(problems.lines)
     problems.require(node.corpus in corpora, f"{section}.corpus", node.corpus, f"one of {list(corpora)}")
     if node.corpus == "text" and node.get("train_path") is None:
@@ -194,9 +195,13 @@ def check_data(node: DictConfig, section: str, problems: Problems, base_config: 
                               f"(add {section}.train_path=my.txt)")
     problems.positive_int(node.batch_size, f"{section}.batch_size")
     problems.require(0 < node.val_fraction < 1, f"{section}.val_fraction", node.val_fraction, "a number in (0, 1)")
+    test_fraction = node.get("test_fraction")
+    if test_fraction is not None:
+        problems.require(0 < test_fraction < 1 - node.val_fraction, f"{section}.test_fraction", test_fraction,
+                         f"a number in (0, 1 - val_fraction={node.val_fraction})")
     if node.max_bytes is not None:
         problems.positive_int(node.max_bytes, f"{section}.max_bytes")
-    for key in ("train_path", "val_path"):
+    for key in ("train_path", "val_path", "test_path"):
         path = node.get(key)
         if path is None or node.corpus != "text":
             continue
@@ -213,22 +218,31 @@ def check_data(node: DictConfig, section: str, problems: Problems, base_config: 
 
 def check_splits_hold_a_block(node: DictConfig, section: str, problems: Problems, block_size: int,
                               tokenizer) -> None:
-    """Both splits, made as ``data.corpus_splits`` makes them, hold ``block_size + 1`` tokens;
+    """Every split, made as ``data.corpus_splits`` makes them, holds ``block_size + 1`` tokens;
     the line names the key that made them short (the file, or ``max_bytes`` where it cut)."""
-    val_path = node.get("val_path") if node.corpus == "text" else None
-    train, val = corpus_splits(node.corpus, node.max_bytes, node.val_fraction, node.get("train_path"), val_path)
+    paths = {key: node.get(key) if node.corpus == "text" else None for key in ("val_path", "test_path")}
+    splits = corpus_splits(node.corpus, node.max_bytes, node.val_fraction, node.get("test_fraction") or 0.0,
+                           node.get("train_path"), paths["val_path"], paths["test_path"])
     needed = block_size + 1
-    counts = {"train": tokenizer.count(train), "validation": tokenizer.count(val)}
+    counts = {"train": tokenizer.count(splits.train), "validation": tokenizer.count(splits.val)}
+    if node.get("test_fraction"):
+        counts["test"] = tokenizer.count(splits.test)
     short = [split for split, tokens in counts.items() if tokens < needed]
     if not short:
         return
-    cut = node.max_bytes is not None and len(train) + (0 if val_path else len(val)) >= node.max_bytes
-    if short == ["validation"] and val_path:
+    cut_from_train = len(splits.train) + (0 if paths["val_path"] else len(splits.val) + len(splits.test))
+    cut = node.max_bytes is not None and not paths["val_path"] and cut_from_train >= node.max_bytes
+    if short == ["test"] and paths["test_path"]:
+        key = "test_path"
+    elif set(short) <= {"validation", "test"} and paths["val_path"]:
         key = "val_path"
     else:
         key = "max_bytes" if cut else "train_path" if node.corpus == "text" else "corpus"
     held = ", ".join(f"{counts[split]} in the {split} split" for split in short)
-    split_by = "" if val_path else f" (val_fraction={node.val_fraction})"
+    fractions = [f"val_fraction={node.val_fraction}"] if not paths["val_path"] else []
+    if counts.keys() >= {"test"} and not paths["test_path"]:
+        fractions.append(f"test_fraction={node.test_fraction}")
+    split_by = f" ({', '.join(fractions)})" if fractions else ""
     problems.require(False, f"{section}.{key}", node[key],
                      f"text for at least one block of the model ({needed} tokens) in each split; it holds "
                      f"{held}{split_by}")

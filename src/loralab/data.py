@@ -13,6 +13,7 @@ import sysconfig
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -120,24 +121,42 @@ def read_text_file(path: str) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-def corpus_splits(corpus: str, max_bytes: int | None = None, val_fraction: float = 0.1,
-                  train_path: str | None = None, val_path: str | None = None) -> tuple[str, str]:
-    """(train, validation) text. Built-in corpora hold out their last ``val_fraction``:
-    a deterministic split of whole topics/modules at the end, never seen in training."""
+class Splits(NamedTuple):
+    """A corpus cut three ways: ``val`` chooses (the best lr, the best setting), ``test`` reports.
+    ``test`` is empty where nothing is reported on it (a base's pretraining corpus)."""
+
+    train: str
+    val: str
+    test: str
+
+
+def corpus_splits(corpus: str, max_bytes: int | None = None, val_fraction: float = 0.1, test_fraction: float = 0.0,
+                  train_path: str | None = None, val_path: str | None = None,
+                  test_path: str | None = None) -> Splits:
+    """Train, validation and test text. Built-in corpora hold out their last
+    ``val_fraction + test_fraction`` (a deterministic cut at the end, never seen in
+    training): the validation part first, the test part at the very end. ``corpus=text``
+    reads ``val_path`` and ``test_path`` where given; without ``test_path`` the held-out
+    text (the validation file, or the train file's tail) is cut in the same proportion."""
     if corpus == "text":
-        train = read_text_file(train_path)
-        if val_path:
-            return train, read_text_file(val_path)
+        text = read_text_file(train_path)
     elif corpus == "python_stdlib":
-        train = python_stdlib_text(max_bytes)
+        text = python_stdlib_text(max_bytes)
     elif corpus == "pydoc_topics":
-        train = pydoc_topics_text()
+        text = pydoc_topics_text()
     else:
         raise ValueError(f"data corpus={corpus!r} is unknown: expected one of {list(CORPORA)}")
-    if max_bytes:
-        train = train[:max_bytes]
-    split = int(len(train) * (1 - val_fraction))
-    return train[:split], train[split:]
+    test_share = 0.0 if test_path else test_fraction
+    if corpus == "text" and val_path:
+        train, held_out = text, read_text_file(val_path)
+    else:
+        text = text[:max_bytes] if max_bytes else text
+        cut = int(len(text) * (1 - val_fraction - test_share))
+        train, held_out = text[:cut], text[cut:]
+    if corpus == "text" and test_path:
+        return Splits(train, held_out, read_text_file(test_path))
+    cut = round(len(held_out) * val_fraction / (val_fraction + test_share))  # 1/3 of 600 is 200, not 199
+    return Splits(train, held_out[:cut], held_out[cut:])
 
 
 def digest(*texts: str) -> str:
@@ -211,18 +230,20 @@ class ResumableLoader(DataLoader):
 
 
 class TextDataModule(pl.LightningDataModule):
-    """Train and validation windows of one corpus; shuffling is seeded, validation fixed."""
+    """Train, validation and test windows of one corpus; shuffling is seeded, the held-out splits fixed.
+    ``test_set`` is None when the corpus holds out no test part (``test_fraction=0``, a base's corpus)."""
 
     def __init__(self, corpus: str, block_size: int, batch_size: int = 16, val_fraction: float = 0.1,
-                 max_bytes: int | None = None, train_path: str | None = None, val_path: str | None = None,
-                 tokenizer=None, seed: int = 0):
+                 test_fraction: float = 0.0, max_bytes: int | None = None, train_path: str | None = None,
+                 val_path: str | None = None, test_path: str | None = None, tokenizer=None, seed: int = 0):
         super().__init__()
         self.tokenizer = tokenizer or ByteTokenizer()
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
-        train, val = corpus_splits(corpus, max_bytes, val_fraction, train_path, val_path)
-        self.fingerprint = digest(train, val)
-        self.train_set = TokenWindows(self.encode(train), block_size)
-        self.val_set = TokenWindows(self.encode(val), block_size)
+        splits = corpus_splits(corpus, max_bytes, val_fraction, test_fraction, train_path, val_path, test_path)
+        self.fingerprint = digest(splits.train, splits.val)
+        self.train_set = TokenWindows(self.encode(splits.train), block_size)
+        self.val_set = TokenWindows(self.encode(splits.val), block_size)
+        self.test_set = TokenWindows(self.encode(splits.test), block_size) if splits.test else None
 
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
@@ -243,3 +264,6 @@ class TextDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.batch_size)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from loralab.adapters import ADAPTER_CONFIG, disable_adapter, load_adapter, set_adapter
 from loralab.base import BaseError, load_recorded_base
 from loralab.files import write_atomic
 from loralab.layout import (
@@ -37,7 +38,6 @@ from loralab.layout import (
     read_adapter_config,
     read_summary,
 )
-from loralab.lora import ADAPTER_CONFIG, disable_adapter, load_adapter, set_adapter
 from loralab.model import GPT
 
 BASE = "base (no adapter)"

@@ -18,9 +18,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from loralab.adapters import ADAPTER_CONFIG, load_adapter
 from loralab.base import BaseError, load_recorded_base
 from loralab.layout import ADAPTER_DIR, adapter_dir, has_adapter, hydra_overrides, read_adapter_config
-from loralab.lora import ADAPTER_CONFIG, LoRAConfig, load_adapter
+from loralab.lora import LoRAConfig
 from loralab.model import GPT
 
 

@@ -108,14 +108,14 @@ def adapter_dir(run_dir: str | Path) -> Path:
 
 
 def read_adapter_config(run_dir: str | Path) -> dict:
-    from loralab.lora import ADAPTER_CONFIG  # here: importing lora imports torch
+    from loralab.adapters import ADAPTER_CONFIG  # here: importing it imports torch
 
     return json.loads((adapter_dir(run_dir) / ADAPTER_CONFIG).read_text())
 
 
 def has_adapter(run_dir: str | Path) -> bool:
     """Whether the run saved an adapter (its adapter_config.json is written last)."""
-    from loralab.lora import ADAPTER_CONFIG
+    from loralab.adapters import ADAPTER_CONFIG
 
     return (adapter_dir(run_dir) / ADAPTER_CONFIG).is_file()
 

@@ -18,12 +18,9 @@ This module depends on torch (and safetensors for saving) only.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -31,13 +28,12 @@ import torch.nn.functional as F
 
 from loralab.quant import METHODS as QUANTIZE_METHODS
 from loralab.quant import QuantizedLinear, quantization, quantize_linears, quantized_layers
+from loralab.surgery import replace_module, tied_weights
 
 SCALINGS = ("standard", "rslora")
 INITS = ("kaiming", "gaussian")
 ALL_LINEAR = "all-linear"
 OUTPUT_HEAD = "lm_head"  # never adapted by `all-linear`, as in PEFT
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_ADAPTER = "default"  # the name inject_lora gives, as in PEFT
 
 
@@ -147,7 +143,7 @@ class LoRALinear(nn.Module):
     merging into it must say ``dequantize=True``.
     """
 
-    def __init__(self, base: nn.Linear | QuantizedLinear, rank: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base: nn.Linear | QuantizedLinear, *, rank: int, alpha: float, dropout: float = 0.0,
                  scaling: str = "standard", init: str = "kaiming", adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -304,7 +300,7 @@ def _require_finite_merge(merged: torch.Tensor, adapter: str, where: str) -> Non
 def linear_names(model: nn.Module) -> list[str]:
     """The Linears LoRA can target: plain ``nn.Linear``s, ``QuantizedLinear``s, and ``LoRALinear``s
     (another adapter), but not the quantized base inside a ``LoRALinear``."""
-    wrapped = {f"{name}.base_layer" for name in _lora_modules(model)}
+    wrapped = {f"{name}.base_layer" for name in lora_modules(model)}
     return [name for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, QuantizedLinear, LoRALinear)) and name not in wrapped]
 
@@ -320,33 +316,27 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
     return [n for n in names if n.rsplit(".", 1)[-1] in leaves]
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Freeze ``model`` and wrap the targeted Linears in ``LoRALinear``, in place: the
-    model's adapter ``"default"``. With ``config.quantize`` (QLoRA) every ``nn.Linear`` but
-    ``lm_head`` is quantized first. Returns the names of the adapted modules (see ``add_adapter``)."""
-    return add_adapter(model, DEFAULT_ADAPTER, config)
-
-
-def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> list[str]:
-    """Give the Linears ``config`` targets an adapter called ``name``, in place.
+def inject_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
+    """Give the Linears ``config`` targets an adapter called ``adapter_name``, in place:
+    each becomes a ``LoRALinear`` wrapping its frozen base.
 
     The model's first adapter is the active one, and everything else is frozen; a later
-    adapter waits, frozen, until ``set_adapter(model, name)``. The first adapter's
-    ``config.quantize`` quantizes the base (QLoRA: every ``nn.Linear`` but ``lm_head``); a
-    later one must name the same. Returns the names of the adapted modules. Raises before
-    changing anything if the name is taken, the quantization differs, nothing matches, the
-    rank is too large for a targeted layer, or a targeted weight is tied to another module
-    (GPT-2's lm_head and wte).
+    adapter waits, frozen, until ``set_adapter(model, name)`` (``loralab.adapters``). The
+    first adapter's ``config.quantize`` quantizes the base (QLoRA: every ``nn.Linear`` but
+    ``lm_head``); a later one must name the same. Returns the names of the adapted modules.
+    Raises before changing anything if the name is taken, the quantization differs, nothing
+    matches, the rank is too large for a targeted layer, or a targeted weight is tied to
+    another module (GPT-2's lm_head and wte).
     """
-    _require_new_name(model, name)
-    _require_unmerged(model, "adding an adapter")
-    _require_quantization(model, name, config.quantize)
+    require_new_adapter_name(model, adapter_name)
+    require_unmerged(model, "adding an adapter")
+    _require_quantization(model, adapter_name, config.quantize)
     targets = _validated_targets(model, config)
     saved = modules_to_save(model, config.modules_to_save)
     if clash := sorted(set(targets) & set(saved)):
         raise ValueError(f"LoRA modules_to_save={config.modules_to_save!r} are also LoRA targets: {clash}")
-    active = active_adapter(model) or name
-    if active == name:
+    active = active_adapter(model) or adapter_name
+    if active == adapter_name:
         quantize_linears(model, config.quantize)  # QLoRA quantizes the whole frozen base, not only the targets
         model.requires_grad_(False)
         for module in saved.values():  # trained in full beside the adapter
@@ -354,9 +344,10 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> list[str]:
     for target in targets:
         layer = model.get_submodule(target)
         if isinstance(layer, LoRALinear):
-            layer.add_adapter(name, config.rank, config.alpha, config.dropout, config.scaling, config.init)
+            layer.add_adapter(adapter_name, config.rank, config.alpha, config.dropout, config.scaling, config.init)
         else:
-            layer = LoRALinear(layer, config.rank, config.alpha, config.dropout, config.scaling, config.init, name)
+            layer = LoRALinear(layer, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                               scaling=config.scaling, init=config.init, adapter_name=adapter_name)
             replace_module(model, target, layer)
         layer.set_adapter(active)
     return targets
@@ -371,18 +362,13 @@ def modules_to_save(model: nn.Module, leaves: list[str]) -> dict[str, nn.Module]
     return found
 
 
-def _saved_state_dict(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Tensor]:
-    return {f"{name}.{key}": value.detach() for name, module in modules_to_save(model, config.modules_to_save).items()
-            for key, value in module.state_dict().items()}
-
-
 def _require_quantization(model: nn.Module, name: str, quantize: str) -> None:
     """An adapter means something only on a base quantized the way its config says."""
     base = quantization(model)
-    if not _lora_modules(model) and base != "none":  # its config could not say how (block size, skip ...)
+    if not lora_modules(model) and base != "none":  # its config could not say how (block size, skip ...)
         raise ValueError(f"{type(model).__name__} is already quantized: give inject_lora the float model and "
                          f"LoRAConfig(quantize=...), and it quantizes the base itself")
-    if _lora_modules(model) and base != quantize:
+    if lora_modules(model) and base != quantize:
         raise ValueError(f"adapter {name!r} has quantize={quantize!r}, but this model's base has quantize={base!r}: "
                          f"the adapters of one base share its quantization")
 
@@ -392,15 +378,11 @@ def _validated_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     if not targets:
         raise ValueError(f"LoRA target_modules={config.target_modules!r} matched no nn.Linear in "
                          f"{type(model).__name__}; its Linear modules are: {linear_names(model)}")
-    owners: dict[int, list[str]] = {}
-    for param_name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(param_name)
+    for name, tied in tied_weights(model, targets).items():
+        # merging scale·B·A into a shared weight would change the other module too
+        raise ValueError(f"LoRA cannot adapt {name!r}: its weight is tied to {tied}")
     for name in targets:
         layer = model.get_submodule(name)
-        weight = getattr(layer, "weight", None)  # None: a quantized base (quantize_linears refuses tied ones)
-        tied = [n for n in owners[id(weight)] if n != f"{name}.weight"] if weight is not None else []
-        if tied:  # merging scale·B·A into a shared weight would change the other module too
-            raise ValueError(f"LoRA cannot adapt {name!r}: its weight is tied to {tied}")
         if config.rank > min(layer.in_features, layer.out_features):
             raise ValueError(f"LoRA rank={config.rank} is larger than min(in, out)="
                              f"{min(layer.in_features, layer.out_features)} of layer {name!r} "
@@ -408,18 +390,12 @@ def _validated_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     return targets
 
 
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` where ``model``'s submodule ``name`` (e.g. ``transformer.h.0.attn.q_proj``) was."""
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), leaf, module)
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """The layers the active adapter adapts, by name."""
-    return {name: m for name, m in _lora_modules(model).items() if m.active_adapter is not None}
+    return {name: m for name, m in lora_modules(model).items() if m.active_adapter is not None}
 
 
-def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Every ``LoRALinear``, whatever adapters it holds."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -448,7 +424,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Replace every ``LoRALinear`` by a plain ``nn.Linear`` with the active adapter merged, in place
     (other adapters are dropped). A quantized base needs ``dequantize=True``, and then every
     ``QuantizedLinear``, adapted or not, becomes a float32 ``nn.Linear``: a plain float model."""
-    for name, layer in _lora_modules(model).items():
+    for name, layer in lora_modules(model).items():
         replace_module(model, name, layer.to_linear(dequantize))
     if dequantize:
         for name, layer in quantized_layers(model).items():
@@ -456,95 +432,20 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------------------
-# Many adapters, one base: PEFT's names (set_adapter, disable_adapter, delete_adapter)
-
-
 def adapter_names(model: nn.Module) -> list[str]:
     """Every adapter ``model`` holds, in the order its layers list them."""
     names: dict[str, None] = {}
-    for layer in _lora_modules(model).values():
+    for layer in lora_modules(model).values():
         names.update(dict.fromkeys(layer.adapter_names))
     return list(names)
 
 
 def active_adapter(model: nn.Module) -> str | None:
     """The adapter ``model`` computes with; None when it holds none."""
-    return next((m.active_adapter for m in _lora_modules(model).values() if m.active_adapter is not None), None)
+    return next((m.active_adapter for m in lora_modules(model).values() if m.active_adapter is not None), None)
 
 
-def set_adapter(model: nn.Module, name: str) -> None:
-    """Compute and train with adapter ``name``; the others stay, frozen. Exact: parameters
-    are swapped, not copied, so each adapter computes what it computes alone."""
-    _require_adapter(model, name)
-    _require_unmerged(model, "switching adapters")
-    for layer in _lora_modules(model).values():
-        layer.set_adapter(name)
-
-
-@contextmanager
-def disable_adapter(model: nn.Module):
-    """``with disable_adapter(model): ...`` computes the base alone, exactly."""
-    _require_unmerged(model, "disabling the adapters")
-    layers = list(_lora_modules(model).values())
-    before = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer, disabled in zip(layers, before):
-            layer.disabled = disabled
-
-
-def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` and its parameters, in place. A Linear left with no adapter
-    becomes its frozen base again (``nn.Linear`` or ``QuantizedLinear``). The active
-    adapter can be deleted only when it is the last one: ``set_adapter`` another first."""
-    _require_adapter(model, name)
-    others = [n for n in adapter_names(model) if n != name]
-    if name == active_adapter(model) and others:
-        raise ValueError(f"adapter {name!r} is active: set_adapter(model, one of {others}) before deleting it")
-    _require_unmerged(model, "deleting an adapter")
-    for module_name, layer in _lora_modules(model).items():
-        if name in layer.adapter_names:
-            layer.delete_adapter(name)
-        if not layer.adapter_names:
-            replace_module(model, module_name, layer.to_linear() if layer.base_layer is None else layer.base_layer)
-
-
-@torch.no_grad()
-def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], name: str) -> list[str]:
-    """Add adapter ``name`` with ΔW = Σᵢ wᵢ · scaleᵢ · Bᵢ Aᵢ, exactly ("adapter arithmetic").
-
-    A sum of rank-rᵢ updates has rank up to Σ rᵢ, so in general no adapter of a smaller
-    rank holds it. Stacking does: A = [A₁; A₂; ...] (Σr × in) and B = [w₁·scale₁·B₁, w₂·scale₂·B₂, ...]
-    (out × Σr) give B A = Σᵢ wᵢ · scaleᵢ · Bᵢ Aᵢ, and the new adapter's scale is 1
-    (alpha = rank = Σ rᵢ). A layer that holds only some of ``adapters`` gets the sum of
-    those. The new adapter waits, frozen, like any added one. Returns the layers it adapts.
-    """
-    if not adapters or len(adapters) != len(weights):
-        raise ValueError(f"add_weighted_adapter needs one weight per adapter: got adapters={adapters}, "
-                         f"weights={weights}")
-    for adapter in adapters:
-        _require_adapter(model, adapter)
-    _require_new_name(model, name)
-    _require_unmerged(model, "combining adapters")
-    adapted = []
-    for module_name, layer in _lora_modules(model).items():
-        parts = [(w, layer.adapter(a)) for a, w in zip(adapters, weights) if a in layer.adapter_names]
-        if not parts:
-            continue
-        A = torch.cat([part.lora_A for _, part in parts])  # (Σr, in)
-        B = torch.cat([w * part.scale * part.lora_B for w, part in parts], dim=1)  # (out, Σr)
-        layer.add_adapter(name, rank=A.shape[0], alpha=A.shape[0])
-        layer.adapter(name).lora_A.copy_(A)
-        layer.adapter(name).lora_B.copy_(B)
-        adapted.append(module_name)
-    return adapted
-
-
-def _require_new_name(model: nn.Module, name: str) -> None:
+def require_new_adapter_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[\w-]+", name) or hasattr(nn.ModuleDict, name):
         raise ValueError(f"adapter name {name!r} is invalid: expected letters, digits, '_' or '-' "
                          f"(and not a method of nn.ModuleDict, such as 'keys')")
@@ -552,112 +453,10 @@ def _require_new_name(model: nn.Module, name: str) -> None:
         raise ValueError(f"adapter {name!r} already exists: choose another name, or delete_adapter(model, {name!r})")
 
 
-def _require_adapter(model: nn.Module, name: str) -> None:
-    if name not in adapter_names(model):
-        raise ValueError(f"no adapter {name!r} in this model: it holds {adapter_names(model)}")
-
-
-def _require_unmerged(model: nn.Module, doing: str) -> None:
-    merged = [name for name, layer in _lora_modules(model).items() if layer.merged]
+def require_unmerged(model: nn.Module, doing: str) -> None:
+    merged = [name for name, layer in lora_modules(model).items() if layer.merged]
     if merged:
         raise RuntimeError(f"{doing} needs an unmerged model: {merged[:3]} are merged; unmerge_lora(model) first")
-
-
-# ---------------------------------------------------------------------------
-# Saving and loading adapters
-
-
-def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """Adapter ``adapter_name``'s weights (default: the active one's), under loralib's keys
-    (``...q_proj.lora_A``) whether it is active or parked."""
-    name = adapter_name or active_adapter(model)
-    return {f"{module_name}.{key}": getattr(layer.adapter(name), key).detach()
-            for module_name, layer in _lora_modules(model).items() if name in layer.adapter_names
-            for key in ("lora_A", "lora_B")}
-
-
-@torch.no_grad()
-def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
-                         adapter_name: str | None = None) -> None:
-    """Load adapter weights into adapter ``adapter_name`` (default: the active one); keys and
-    shapes must match that adapter's exactly."""
-    expected = lora_state_dict(model, adapter_name)
-    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"adapter does not fit this model: missing keys {missing[:5]}, "
-                         f"unexpected keys {unexpected[:5]}")
-    for key, value in state_dict.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(f"adapter does not fit this model: {key} has shape {tuple(value.shape)}, "
-                             f"the model expects {tuple(expected[key].shape)}")
-    if any(layer.merged for layer in _lora_modules(model).values()):
-        raise RuntimeError("unmerge the model before loading adapter weights into it")
-    for key, value in state_dict.items():
-        expected[key].copy_(value)  # the detached tensors share the parameters' storage
-
-
-def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, base: dict | None = None) -> Path:
-    """Write the active adapter alone: ``adapter.safetensors`` + ``adapter_config.json``.
-    ``base`` (e.g. ``{"kind": ..., "sha256": ...}``) records the base it was trained on."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = {**lora_state_dict(model), **_saved_state_dict(model, config)}
-    tensors = {k: v.contiguous().cpu() for k, v in weights.items()}
-    save_file(tensors, directory / ADAPTER_WEIGHTS)
-    meta = {"lora": asdict(config), "adapted_modules": sorted(lora_layers(model))}
-    if base is not None:
-        meta["base"] = base
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    return directory
-
-
-def load_adapter(model: nn.Module, directory: str | Path, name: str | None = None,
-                 expected_base_sha256: str | None = None) -> LoRAConfig:
-    """Add the adapter saved in ``directory`` to ``model`` as adapter ``name`` (default
-    ``"default"``) and load its weights; on a base without LoRA it becomes the active one.
-
-    With ``expected_base_sha256``, an adapter that records a different base fails before
-    anything changes; one that records none (an unknown base) loads.
-    """
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    meta = json.loads((directory / ADAPTER_CONFIG).read_text())
-    _require_same_base(meta.get("base"), expected_base_sha256, directory)
-    config = LoRAConfig(**meta["lora"])
-    name = name or DEFAULT_ADAPTER
-    weights = load_file(directory / ADAPTER_WEIGHTS, device=str(next(model.parameters()).device))
-    saved = _saved_state_dict(model, config)
-    add_adapter(model, name, config)
-    try:
-        load_lora_state_dict(model, {k: v for k, v in weights.items() if k not in saved}, name)
-        load_saved_modules(saved, weights)
-    except ValueError:
-        delete_adapter(model, name)  # leave the model with the adapters it had
-        raise
-    return config
-
-
-@torch.no_grad()
-def load_saved_modules(saved: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
-    """Copy the modules_to_save weights of an adapter file into the model's tensors ``saved``."""
-    for key, tensor in saved.items():  # all checked before any is changed
-        if key not in weights or weights[key].shape != tensor.shape:
-            raise ValueError(f"adapter does not fit this model: modules_to_save weight {key} is missing or has "
-                             f"another shape than {tuple(tensor.shape)}")
-    for key, tensor in saved.items():
-        tensor.copy_(weights[key])
-
-
-def _require_same_base(recorded: dict | None, expected_sha256: str | None, directory: Path) -> None:
-    """An adapter means something only on the base it was trained on."""
-    recorded_sha256 = (recorded or {}).get("sha256")
-    if expected_sha256 is not None and recorded_sha256 is not None and recorded_sha256 != expected_sha256:
-        raise ValueError(f"adapter {directory} was trained on base {recorded.get('kind', '')} "
-                         f"sha256={recorded_sha256}, "
-                         f"not on this base (sha256={expected_sha256}): load it onto the base it was trained on")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -31,6 +31,7 @@ class LitGPT(pl.LightningModule):
         self.val_loss = MeanMetric(nan_strategy=math.inf)
         self.val_ppl = Perplexity(ignore_index=-1)
         self.val_acc = MulticlassAccuracy(num_classes=n_classes, average="micro", ignore_index=-1)
+        self.held_out_loss = MeanMetric(nan_strategy=math.inf)  # a whole held-out split: test, or the base's domain
         self.diverged = False
 
     def training_step(self, batch, batch_idx):
@@ -53,6 +54,13 @@ class LitGPT(pl.LightningModule):
         self.val_acc.update(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         self.log_dict({"val/loss": self.val_loss, "val/ppl": self.val_ppl, "val/acc": self.val_acc},
                       prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        """The loss alone, on whichever held-out split ``trainer.test`` is given."""
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.held_out_loss.update(loss, weight=y.numel())
+        self.log("held_out/loss", self.held_out_loss)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only what training changes: for LoRA the adapters, so checkpoints stay small

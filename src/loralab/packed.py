@@ -21,9 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loralab.lora import LoRAAdapter, LoRAConfig, find_targets, replace_module
+from loralab.lora import LoRAAdapter, LoRAConfig, find_targets
 from loralab.model import GPT
 from loralab.schedule import warmup_cosine
+from loralab.surgery import replace_module
 
 PACKABLE_LORA = {"rank", "alpha", "dropout", "target_modules", "scaling", "init"}  # the rest at its default
 

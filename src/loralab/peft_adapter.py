@@ -20,9 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loralab.gpt2 import CONV1D, HF_NAME, OURS, QKV, in_block
-from loralab.lora import LoRAConfig, LoRALinear, find_targets, lora_layers, replace_module
+from loralab.lora import LoRAConfig, LoRALinear, find_targets, lora_layers
 from loralab.model import GPT
 from loralab.quant import quantization
+from loralab.surgery import replace_module
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -301,7 +302,8 @@ def _wrap(model: nn.Module, plan: dict, config: LoRAConfig, directory: Path) -> 
                              f"this model needs ({rank}, {base.in_features}) and ({base.out_features}, {rank})")
     model.requires_grad_(False)
     for name, (rank, alpha, A, B) in plan.items():
-        layer = LoRALinear(model.get_submodule(name), rank, alpha, config.dropout, config.scaling, config.init)
+        layer = LoRALinear(model.get_submodule(name), rank=rank, alpha=alpha, dropout=config.dropout,
+                           scaling=config.scaling, init=config.init)
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)

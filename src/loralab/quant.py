@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loralab.surgery import replace_module, tied_weights
+
 METHODS = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # weights per absmax constant (QLoRA §3)
 DOUBLE_QUANT_BLOCK = 256  # constants per second-level constant (QLoRA §3, Double Quantization)
@@ -227,17 +229,11 @@ def quantize_linears(model: nn.Module, method: str, skip: tuple[str, ...] = SKIP
     if method == "none":
         return []
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in skip]
-    owners: dict[int, list[str]] = {}
-    for param_name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(param_name)
+    for name, tied in tied_weights(model, names).items():
+        # the other module would keep the float copy: nothing saved, and the two would differ
+        raise ValueError(f"cannot quantize {name!r}: its weight is tied to {tied} (add it to skip)")
     for name in names:
-        tied = [n for n in owners[id(model.get_submodule(name).weight)] if n != f"{name}.weight"]
-        if tied:  # the other module would keep the float copy: nothing saved, and the two would differ
-            raise ValueError(f"cannot quantize {name!r}: its weight is tied to {tied} (add it to skip)")
-    for name in names:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, QuantizedLinear(getattr(parent, leaf), method, block_size, double_quant))
+        replace_module(model, name, QuantizedLinear(model.get_submodule(name), method, block_size, double_quant))
     return names
 
 

@@ -56,6 +56,8 @@ METRICS = {
     "best/val_loss": "{:.4f}",
     "val/ppl": "{:.2f}",
     "gain/val_loss": "{:+.4f}",
+    "test/loss": "{:.4f}",
+    "forget/increase": "{:+.4f}",
     "lora/merge_max_abs_diff": "{:.1e}",
     "perf/tokens_per_s": "{:,.0f}",
 }

@@ -18,9 +18,19 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
+from loralab.adapters import save_adapter
 from loralab.base import BaseIdentity, build_model, cached_base, load_base, weights_sha256
-from loralab.callbacks import AdapterAnalysis, History, MergeCheck, ParameterCount, StepProgressBar, Throughput
+from loralab.callbacks import (
+    AdapterAnalysis,
+    History,
+    MergeCheck,
+    ParameterCount,
+    StepProgressBar,
+    Throughput,
+    log_to_loggers,
+)
 from loralab.checkpoints import (
     AtomicCheckpointIO,
     LastCheckpoint,
@@ -35,7 +45,7 @@ from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, r
 from loralab.gpt2 import load_gpt2
 from loralab.layout import CHECKPOINTS_DIR, adapter_dir, finished_summary, write_summary
 from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
-from loralab.lora import inject_lora, save_adapter
+from loralab.lora import inject_lora
 from loralab.model import GPT
 from loralab.module import LitGPT
 from loralab.provenance import provenance
@@ -66,17 +76,19 @@ def train(cfg: DictConfig) -> float:
         summary["base"] = base.to_dict()
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         if isinstance(model, ViT):
-            data = DigitsDataModule(cfg.data.corpus, cfg.data.batch_size, cfg.data.val_fraction, cfg.seed)
+            data = DigitsDataModule(cfg.data.corpus, cfg.data.batch_size, cfg.data.val_fraction,
+                                    cfg.data.test_fraction, cfg.seed)
             ViT._init_weights(model.head)  # the base's head classified other digits: a new one, from this seed
         else:
             data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed,
                                   tokenizer=tokenizer_of(cfg.model.pretrained), **cfg.data)
+        held_out = {"test": data.test_dataloader(), **source_held_out(cfg, model)}
         lora_config = lora_config_of(cfg.lora)
         if lora_config is not None:
             adapted = inject_lora(model, lora_config)
             log.info("LoRA r=%d on %d modules: %s", lora_config.rank, len(adapted), ", ".join(adapted))
         result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim,
-                     checkpoint_dir=run_dir / CHECKPOINTS_DIR, resume=cfg.resume)
+                     checkpoint_dir=run_dir / CHECKPOINTS_DIR, resume=cfg.resume, held_out=held_out)
         summary.update(result)
         if summary["status"] == "completed" and lora_config is not None and is_rank_zero():
             save_adapter(model, lora_config, adapter_dir(run_dir), base=base.to_dict())
@@ -107,11 +119,9 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
         model, sha256 = load_base(cfg.base.checkpoint)
         return model, BaseIdentity("checkpoint", str(Path(cfg.base.checkpoint).resolve()), sha256)
     if cfg.model.kind == "vit":
-        data = DigitsDataModule(cfg.base.corpus, cfg.base.batch_size, cfg.base.val_fraction, cfg.base.seed)
+        data = DigitsDataModule(cfg.base.corpus, cfg.base.batch_size, cfg.base.val_fraction, seed=cfg.base.seed)
     else:
-        data = TextDataModule(block_size=cfg.model.block_size, seed=cfg.base.seed, corpus=cfg.base.corpus,
-                              max_bytes=cfg.base.max_bytes, val_fraction=cfg.base.val_fraction,
-                              batch_size=cfg.base.batch_size)
+        data = base_text_data(cfg, cfg.model.block_size)
     model_config = model_config_of(cfg.model)
 
     def pretrain(checkpoint_dir: Path) -> GPT | ViT:
@@ -129,11 +139,30 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
     return cached_base(model_config, cfg.base, data.fingerprint, to_absolute_path(cfg.paths.cache_dir), pretrain)
 
 
+def base_text_data(cfg: DictConfig, block_size: int) -> TextDataModule:
+    """The base's pretraining corpus (``base.corpus``), split as its pretraining split it."""
+    return TextDataModule(block_size=block_size, seed=cfg.base.seed, corpus=cfg.base.corpus,
+                          max_bytes=cfg.base.max_bytes, val_fraction=cfg.base.val_fraction,
+                          batch_size=cfg.base.batch_size)
+
+
+def source_held_out(cfg: DictConfig, model: GPT | ViT) -> dict[str, DataLoader]:
+    """{"forget": the held-out part of the corpus the base was pretrained on}, where forgetting
+    is measured (Biderman et al. 2024, "LoRA Learns Less and Forgets Less", §4); {} for a
+    GPT-2 base (pretrained on text we do not hold) and a ViT (its source classes' head is replaced)."""
+    if cfg.model.pretrained or isinstance(model, ViT):
+        return {}
+    return {"forget": base_text_data(cfg, model.config.block_size).val_dataloader()}
+
+
 def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity, job_type: str,
-        optim, checkpoint_dir: Path, resume: bool, max_steps: int | None = None) -> dict:
-    """Train ``model``'s trainable parameters; validate before and after. Checkpoints go to
+        optim, checkpoint_dir: Path, resume: bool, max_steps: int | None = None,
+        held_out: dict[str, DataLoader] | None = None) -> dict:
+    """Train ``model``'s trainable parameters; validate before and after, and evaluate each
+    ``held_out`` split ("test", "forget") before and after. Checkpoints go to
     ``checkpoint_dir``; with ``resume`` training continues from the last one there. Returns
     the run's status, metrics and loss history, which also go to the logger's summary."""
+    held_out = held_out or {}
     max_steps = max_steps or cfg.trainer.max_steps
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
     replicas, analysis = ReplicaCheck(), AdapterAnalysis()
@@ -155,10 +184,13 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
                              inference_mode=False, enable_model_summary=False, default_root_dir=cfg.paths.output_dir)
         # on resume too, for the summary (the model is still the untrained one); its loggers have it
         base = evaluate(trainer, module, data, log=resumed_at is None)
+        base_held_out = evaluate_held_out(trainer, module, held_out)
         if resume_from:
             log.info("Resuming %s from %s", job_type, resume_from)
         trainer.fit(module, data, ckpt_path=resume_from)
         final = evaluate(trainer, module, data)
+        held_out_metrics = held_out_summary(base_held_out, evaluate_held_out(trainer, module, held_out), held_out)
+        log_to_loggers(trainer, held_out_metrics)
         status = "diverged" if module.diverged or not math.isfinite(final["val/loss"]) else "completed"
         tuned = [v for _, v in history.history["val/loss"][1:]]  # the first entry is the base
         metrics = {
@@ -168,7 +200,8 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
             "gain/val_loss": base["val/loss"] - final["val/loss"],
             "train/loss": history.history["train/loss"][-1][1] if history.history["train/loss"] else None,
             "val/tokens": len(data.val_set) * data.block_size,  # what base/ and the final val/ numbers cover
-            **count.metrics, **throughput.metrics, **merge_check.metrics, **replicas.metrics, **analysis.metrics,
+            **held_out_metrics, **count.metrics, **throughput.metrics, **merge_check.metrics, **replicas.metrics,
+            **analysis.metrics,
         }
         result = {"status": status, "job_type": job_type, "steps": trainer.global_step,
                   "metrics": metrics, "history": history.history, "analysis": analysis.layers}
@@ -190,12 +223,43 @@ def evaluate(trainer: pl.Trainer, module: LitGPT, data: TextDataModule, log: boo
         trainer.limit_val_batches, trainer.loggers = subsample, loggers
 
 
+def evaluate_held_out(trainer: pl.Trainer, module: LitGPT, held_out: dict[str, DataLoader]) -> dict[str, float]:
+    """The model's loss on each named held-out split, whole. Before training this is the base's
+    evaluation, the same for every job on one base."""
+    return {split: held_out_loss(trainer, module, loader) for split, loader in held_out.items()}
+
+
+def held_out_loss(trainer: pl.Trainer, module: LitGPT, loader: DataLoader) -> float:
+    """Mean loss over the whole of ``loader``; kept from the loggers, which get it by its own name."""
+    loggers, trainer.loggers = trainer.loggers, []
+    try:
+        return trainer.test(module, dataloaders=loader, verbose=False)[0]["held_out/loss"]
+    finally:
+        trainer.loggers = loggers
+
+
+def held_out_summary(before: dict[str, float], after: dict[str, float], held_out: dict[str, DataLoader]) -> dict:
+    """test/loss and base/test_loss; forget/loss, base/forget_loss and forget/increase (after −
+    before: how much of its own domain the base lost); and the tokens each covers."""
+    metrics = {}
+    for split in before:
+        dataset = held_out[split].dataset
+        tokens = len(dataset) * getattr(dataset, "block_size", 1)  # text windows, or images
+        metrics |= {f"{split}/loss": after[split], f"base/{split}_loss": before[split], f"{split}/tokens": tokens}
+    if "forget" in before:
+        metrics["forget/increase"] = after["forget"] - before["forget"]
+    return metrics
+
+
 def print_result(summary: dict) -> None:
     m = summary.get("metrics", {})
     line = f"[loralab] {summary['name']}: {summary['status']}"
     if "val/loss" in m:
-        line += (f" | val/loss {m['val/loss']:.4f} (base {m['base/val_loss']:.4f}, gain {m['gain/val_loss']:+.4f})"
-                 f" | trainable {m['params/trainable']:,} ({m['params/trainable_pct']:.2f}%)")
+        line += f" | val/loss {m['val/loss']:.4f} (base {m['base/val_loss']:.4f}, gain {m['gain/val_loss']:+.4f})"
+        for name in ("test/loss", "forget/increase"):  # absent from runs recorded before them, and forget from GPT-2's
+            if name in m:
+                line += f" | {name} {m[name]:{'+' if name.startswith('forget') else ''}.4f}"
+        line += (f" | trainable {m['params/trainable']:,} ({m['params/trainable_pct']:.2f}%)")
         if "lora/merge_max_abs_diff" in m:
             line += f" | merge diff {m['lora/merge_max_abs_diff']:.1e} {'ok' if m['lora/merge_ok'] else 'FAILED'}"
     if summary["error"]:

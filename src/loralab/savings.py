@@ -43,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from loralab.lora import LoRAConfig, inject_lora, merge_lora, save_adapter, unmerge_lora
+from loralab.adapters import save_adapter
+from loralab.lora import LoRAConfig, inject_lora, merge_lora, unmerge_lora
 from loralab.memory import current_memory_mb, peak_memory_mb, reset_peak_memory
 from loralab.model import GPT, GPTConfig
 from loralab.quant import quantized_layers

@@ -58,10 +58,12 @@ LoRASection = schema_of(LoRAConfig, "LoRASection", [
 class DataConfig:
     corpus: str = "pydoc_topics"
     batch_size: int = 16
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # held out to choose on (val/loss: the best lr, the best setting)
+    test_fraction: float = 0.1  # held out after it, to report on (test/loss)
     max_bytes: Optional[int] = None  # cut the corpus to this many characters
     train_path: Optional[str] = None
     val_path: Optional[str] = None
+    test_path: Optional[str] = None  # without it, the held-out text is cut val_fraction : test_fraction
 
 
 @dataclass

@@ -32,11 +32,13 @@ def digits(classes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class DigitsDataModule(pl.LightningDataModule):
-    """Train and validation images of one class split; shuffling is seeded, the split fixed."""
+    """Train, validation and test images of one class split; shuffling is seeded, the split
+    fixed. ``test_set`` is None with ``test_fraction=0`` (a base's digits)."""
 
     block_size = 1  # one example per image: val/tokens counts images
 
-    def __init__(self, corpus: str, batch_size: int = 32, val_fraction: float = 0.2, seed: int = 0):
+    def __init__(self, corpus: str, batch_size: int = 32, val_fraction: float = 0.2, test_fraction: float = 0.0,
+                 seed: int = 0):
         super().__init__()
         if corpus not in DIGIT_CORPORA:
             raise ValueError(f"corpus={corpus!r} is not a digits split: expected one of {list(DIGIT_CORPORA)}")
@@ -44,9 +46,11 @@ class DigitsDataModule(pl.LightningDataModule):
         images, labels = digits(DIGIT_CORPORA[corpus])
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
         n_val = max(1, int(len(labels) * val_fraction))
-        val, train = order[:n_val], order[n_val:]
+        n_test = max(1, int(len(labels) * test_fraction)) if test_fraction else 0
+        val, test, train = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
         self.train_set = TensorDataset(images[train], labels[train])
         self.val_set = TensorDataset(images[val], labels[val])
+        self.test_set = TensorDataset(images[test], labels[test]) if n_test else None
         self.fingerprint = hashlib.sha256(images[train].numpy().tobytes() + labels[train].numpy().tobytes()
                                           ).hexdigest()[:16]
 
@@ -54,3 +58,4 @@ class DigitsDataModule(pl.LightningDataModule):
     train_dataloader = TextDataModule.train_dataloader
     training_progress = TextDataModule.training_progress
     val_dataloader = TextDataModule.val_dataloader
+    test_dataloader = TextDataModule.test_dataloader
