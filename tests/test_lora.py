@@ -216,7 +216,7 @@ def test_invalid_config_values_name_the_field(field, value):
 def test_unknown_choices_list_the_allowed_values():
     with pytest.raises(ValueError, match=r"\['standard', 'rslora'\]"):
         LoRAConfig(scaling="sqrt")
-    with pytest.raises(ValueError, match=r"\['kaiming', 'gaussian'\]"):
+    with pytest.raises(ValueError, match=r"\['kaiming', 'gaussian', 'pissa'\]"):
         LoRAConfig(init="xavier")
 
 

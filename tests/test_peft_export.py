@@ -199,3 +199,20 @@ def test_unsupported_adapters_are_clear_errors(gpt2_dir, tmp_path):
     theirs.save_pretrained(tmp_path / "dora")
     with pytest.raises(ValueError, match="use_dora"):
         import_peft_adapter(load_gpt2(gpt2_dir), tmp_path / "dora")
+
+
+@pytest.mark.parametrize("variant", [dict(dora=True), dict(init="pissa"), dict(init="pissa", dora=True),
+                                     dict(init="pissa", scaling="rslora")],
+                         ids=["dora", "pissa", "pissa+dora", "pissa-rslora"])
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["k_proj", "fc_out"]], ids=["qv", "k-fc_out"])
+def test_dora_and_pissa_exports_load_in_peft_with_the_same_logits(gpt2_dir, tmp_path, variant, targets):
+    """DoRA as PEFT's use_dora; PiSSA as PEFT converts it: a rank-2r LoRA on the original base."""
+    config = LoRAConfig(alpha=6.0, rank=2, target_modules=targets, **variant)
+    ours = our_lora_gpt2(gpt2_dir, config)
+    with torch.no_grad():  # a magnitude away from ‖W‖, so DoRA's own parameter matters
+        for layer in lora_layers(ours).values():
+            if layer.lora_magnitude is not None:
+                layer.lora_magnitude.mul_(torch.linspace(0.8, 1.2, layer.out_features))
+    export_peft_adapter(ours, config, tmp_path / "adapter", base_model_name_or_path=str(gpt2_dir))
+    theirs = peft.PeftModel.from_pretrained(hf_gpt2(gpt2_dir), tmp_path / "adapter").eval()
+    assert_close(logits_of(ours), logits_of(theirs), changed_from=logits_of(hf_gpt2(gpt2_dir)))

@@ -137,17 +137,26 @@ def paired_line(a: int, b: int, diffs: list[float]) -> str:
 
 
 def test_every_pair_of_settings_is_compared_not_only_with_the_best(tmp_path):
-    seeded_sweep(tmp_path, {4: [2.10, 2.12, 2.14], 8: [2.00, 2.03, 2.06], 16: [2.05, 2.07, 2.11],
-                            32: [2.06, 2.04, 2.09]})
+    from scipy.stats import ttest_rel
+
+    losses = {4: [2.10, 2.12, 2.14], 8: [2.00, 2.03, 2.06], 16: [2.05, 2.07, 2.11], 32: [2.06, 2.04, 2.09]}
+    seeded_sweep(tmp_path, losses)
     write_report(tmp_path)
     pairs = (tmp_path / "report.md").read_text().split("## Every pair of settings")[1].split("## Runs")[0]
     lines = [line for line in pairs.splitlines() if line.startswith("- ")]
     assert len(lines) == 6  # 4 settings: 4·3/2 pairs
-    # neither is the best, and they differ beyond noise; then a pair within the noise
+    raw = {(a, b): ttest_rel(losses[a], losses[b]).pvalue for a, b in [(4, 8), (4, 16), (8, 16)]}
+    # Holm over the 6 pairs, by hand: raw p 0.00409 (4−8), 0.00506 (8−16), 0.0229 (4−16), 0.0422, 0.149,
+    # 0.383 are multiplied by 6, 5, 4, ...: 4−8 -> 0.0245, 8−16 -> 0.0253 differ; 4−16 -> 0.0914 does not
+    r4_r8 = next(line for line in lines if line.startswith(paired_line(4, 8, [0.10, 0.09, 0.08])))
+    assert r4_r8.endswith(f"p = {raw[4, 8]:.3g} (Holm p = {6 * raw[4, 8]:.3g}, paired t): "
+                          "lora.rank=8 has the lower val/loss.")
+    r8_r16 = next(line for line in lines if line.startswith(paired_line(8, 16, [-0.05, -0.04, -0.05])))
+    assert r8_r16.endswith(f"(Holm p = {5 * raw[8, 16]:.3g}, paired t): lora.rank=8 has the lower val/loss.")
+    # significant before the correction (p = 0.023), not after it: not shown, and bounded by its CI
     r4_r16 = next(line for line in lines if line.startswith(paired_line(4, 16, [0.05, 0.05, 0.03])))
-    assert r4_r16.endswith("(paired t): lora.rank=16 has the lower val/loss.")
-    r16_r32 = next(line for line in lines if line.startswith(paired_line(16, 32, [-0.01, 0.03, 0.02])))
-    assert r16_r32.endswith("(paired t): not distinguishable.")
+    bound = 0.05 / 1.5 + 0.01 + 4.302652729911275 * math.sqrt(0.0004 / 3) / math.sqrt(3)  # mean + half-width
+    assert r4_r16.endswith(f"(Holm p = {4 * raw[4, 16]:.3g}, paired t): not shown at 3 seeds, |diff| < {bound:.4f}.")
 
     seeded_sweep(tmp_path / "two", {4: [2.10, 2.12, 2.14], 8: [2.00, 2.03, 2.06]})
     write_report(tmp_path / "two")  # the one pair is the comparison with the best
@@ -164,17 +173,18 @@ def test_a_single_seed_says_it_has_no_uncertainty_estimate(tmp_path):
 
 def test_plots_draw_the_means_and_confidence_intervals(tmp_path):
     from loralab import stats
-    from loralab.report import aggregate, load_runs, plot_loss_curves, plot_val_loss_vs_rank
+    from loralab.plots import SweepResults, plot_loss_curves, plot_val_loss_vs_rank
+    from loralab.report import aggregate, load_runs
 
     seeded_sweep(tmp_path, {4: [2.10, 2.12, 2.14], 8: [2.00, 2.03, 2.06]})
     runs = load_runs(tmp_path)
-    settings = aggregate(runs)
-    [bars] = plot_val_loss_vs_rank(runs, settings).axes[0].containers
+    sweep = SweepResults(runs, aggregate(runs), [], None)
+    [bars] = plot_val_loss_vs_rank(sweep).axes[0].containers
     line, _, (segments,) = bars
     assert list(line.get_xdata()) == [4, 8] and list(line.get_ydata()) == pytest.approx([2.12, 2.03])
     expected = stats.estimate([2.10, 2.12, 2.14]).ci
     assert tuple(segments.get_segments()[0][:, 1]) == pytest.approx(expected)  # rank 4's bar is its CI
-    train_ax = plot_loss_curves(runs, settings).axes[0]
+    train_ax = plot_loss_curves(sweep).axes[0]
     assert list(train_ax.lines[0].get_ydata()) == pytest.approx([3.0, 2.12])  # mean curve of rank 4
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats as scipy_stats
 
-from loralab.stats import compare, estimate, paired, welch
+from loralab.stats import compare, estimate, holm, paired, welch
 
 
 def test_estimate_mean_sample_std_and_t_interval():
@@ -55,3 +55,12 @@ def test_compare_pairs_only_when_the_seeds_match():
 def test_no_claim_when_the_interval_includes_zero():
     noisy = paired([2.0, 2.2, 1.9], [2.1, 2.0, 2.05])
     assert noisy.ci[0] < 0 < noisy.ci[1] and not noisy.distinguishable
+
+
+def test_holm_adjusts_by_hand():
+    # sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 -> kept monotone: 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # capped at 1, and a raw p that is already the largest keeps the running maximum
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert holm([0.02, 0.02, 0.2]) == pytest.approx([0.06, 0.06, 0.2])
+    assert holm([0.04]) == [0.04] and holm([]) == []

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,8 @@ import torch.nn as nn
 
 from loralab.lora import (
     DEFAULT_ADAPTER,
+    FROZEN,
+    TRAINED,
     LoRAConfig,
     active_adapter,
     adapter_names,
@@ -30,6 +32,7 @@ from loralab.lora import (
     modules_to_save,
     require_new_adapter_name,
     require_unmerged,
+    variant_adapters,
 )
 from loralab.surgery import replace_module
 
@@ -92,6 +95,9 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                          f"weights={weights}")
     for adapter in adapters:
         _require_adapter(model, adapter)
+    if variants := [a for a in adapters if a in variant_adapters(model)]:
+        raise ValueError(f"add_weighted_adapter sums plain LoRA updates scale·B·A: {variants} are DoRA or PiSSA "
+                         f"adapters, whose updates are not")
     require_new_adapter_name(model, name)
     require_unmerged(model, "combining adapters")
     adapted = []
@@ -117,11 +123,12 @@ def _require_adapter(model: nn.Module, name: str) -> None:
 
 def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """Adapter ``adapter_name``'s weights (default: the active one's), under loralib's keys
-    (``...q_proj.lora_A``) whether it is active or parked."""
+    (``...q_proj.lora_A``) whether it is active or parked; DoRA adds ``lora_magnitude``,
+    PiSSA its initial factors ``lora_A_init`` / ``lora_B_init``."""
     name = adapter_name or active_adapter(model)
     return {f"{module_name}.{key}": getattr(layer.adapter(name), key).detach()
             for module_name, layer in lora_modules(model).items() if name in layer.adapter_names
-            for key in ("lora_A", "lora_B")}
+            for key in TRAINED + FROZEN if getattr(layer.adapter(name), key) is not None}
 
 
 @torch.no_grad()
@@ -178,14 +185,26 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     name = name or DEFAULT_ADAPTER
     weights = load_file(directory / ADAPTER_WEIGHTS, device=str(next(model.parameters()).device))
     saved = _saved_state_dict(model, config)
-    inject_lora(model, config, adapter_name=name)
+    # PiSSA: the base becomes the residual of the recorded factors, not of a new SVD
+    inject_lora(model, replace(config, init="kaiming") if config.init == "pissa" else config, adapter_name=name)
     try:
+        if config.init == "pissa":
+            _leave_recorded_residual(model, name, weights)
         load_lora_state_dict(model, {k: v for k, v in weights.items() if k not in saved}, name)
         load_saved_modules(saved, weights)
     except ValueError:
         delete_adapter(model, name)  # leave the model with the adapters it had
         raise
     return config
+
+
+def _leave_recorded_residual(model: nn.Module, name: str, weights: dict[str, torch.Tensor]) -> None:
+    layers = lora_modules(model)
+    keys = {module_name: [f"{module_name}.lora_A_init", f"{module_name}.lora_B_init"] for module_name in layers}
+    if missing := [key for pair in keys.values() for key in pair if key not in weights]:
+        raise ValueError(f"adapter does not fit this model: a PiSSA adapter needs {missing[:4]}")
+    for module_name, layer in layers.items():
+        layer.leave_residual(name, *(weights[key].to(layer.lora_A.dtype) for key in keys[module_name]))
 
 
 @torch.no_grad()

@@ -76,7 +76,21 @@ def analyze_update(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
       ``top_r_energy_share_random`` = r² / (out · in) is its expectation for a ΔW with
       random singular directions, the baseline to read it against.
     """
-    U, S, V = update_svd(lora_A, lora_B, scale)
+    return analyze_svd(*update_svd(lora_A, lora_B, scale), scale, weight)
+
+
+def delta_svd(delta: torch.Tensor):
+    """The thin SVD (U, S, V) of a dense update ΔW (out, in), without its numerically zero
+    directions: DoRA's and PiSSA's effective updates are not one B A."""
+    U, S, Vh = torch.linalg.svd(delta.detach().cpu().double(), full_matrices=False)
+    # numerical rank at the precision ΔW was computed in (numpy's matrix_rank tolerance)
+    keep = int((S > S.max() * max(delta.shape) * torch.finfo(delta.dtype).eps).sum())
+    return U[:, :keep], S[:keep], Vh[:keep].T  # (out, k), (k,), (in, k)
+
+
+def analyze_svd(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scale: float,
+                weight: torch.Tensor | None = None) -> dict:
+    """``analyze_update``'s diagnostics from ΔW = U diag(S) Vᵀ."""
     rank = S.numel()
     row = {"rank": rank, "scale": scale, "delta_w_norm": S.norm().item(), "eff_rank": effective_rank(S),
            "stable_rank": stable_rank(S), "singular_values": S.tolist()}
@@ -97,12 +111,16 @@ def analyze_update(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
 
 
 def analyze_model(model: nn.Module) -> list[dict]:
-    """One row per ``LoRALinear`` of ``model``: its name and ``analyze_update`` against its frozen W."""
+    """One row per ``LoRALinear`` of ``model``: its name and ``analyze_update`` against its frozen W
+    (DoRA, PiSSA: of the effective update, merged minus the original W, against that W)."""
     rows = []
     for name, layer in lora_layers(model).items():
+        if layer.lora_magnitude is not None or layer.lora_A_init is not None:
+            original = layer.original_weight().detach().double()
+            rows.append({"layer": name, **analyze_svd(*delta_svd(layer.effective_delta()), layer.scale, original)})
+            continue
         # a QLoRA base holds W quantized: the analysis is of the W the layer computes with
-        frozen = layer.weight if layer.base_layer is None else layer.base_layer.dequantize_weight()
-        weight = frozen.detach().double()
+        weight = layer.base_weight().detach().double()
         if layer.merged:  # W holds W + ΔW: take the update back out
             weight = weight - layer.delta_weight().double()
         rows.append({"layer": name, **analyze_update(layer.lora_A, layer.lora_B, layer.scale, weight)})

@@ -31,7 +31,7 @@ from loralab.quant import QuantizedLinear, quantization, quantize_linears, quant
 from loralab.surgery import replace_module, tied_weights
 
 SCALINGS = ("standard", "rslora")
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa")
 ALL_LINEAR = "all-linear"
 OUTPUT_HEAD = "lm_head"  # never adapted by `all-linear`, as in PEFT
 DEFAULT_ADAPTER = "default"  # the name inject_lora gives, as in PEFT
@@ -57,6 +57,7 @@ class LoRAConfig:
     init: str = "kaiming"
     quantize: str = "none"
     modules_to_save: list[str] = field(default_factory=list)
+    dora: bool = False
 
     def __post_init__(self):
         if isinstance(self.target_modules, tuple):
@@ -80,6 +81,9 @@ class LoRAConfig:
         _require_field(self.init in INITS, "init", self.init, f"one of {list(INITS)}")
         _require_field(self.quantize in QUANTIZE_METHODS, "quantize", self.quantize,
                        f"one of {list(QUANTIZE_METHODS)}")
+        _require_field(isinstance(self.dora, bool), "dora", self.dora, "true or false")
+        _require_field(self.init != "pissa" or self.quantize == "none", "init", self.init,
+                       f"kaiming or gaussian with quantize={self.quantize!r} (PiSSA's SVD needs the float base)")
 
     @property
     def scale(self) -> float:
@@ -97,21 +101,26 @@ def lora_scale(alpha: float, rank: int, scaling: str = "standard") -> float:
 
 
 class LoRAAdapter(nn.Module):
-    """One named low-rank update ``scale · B A`` while it waits: ``lora_A`` (r × in),
-    ``lora_B`` (out × r), its dropout and its scale. The active adapter's parts sit
-    on the ``LoRALinear`` itself, under loralib's names."""
+    """One named update while it waits: ``lora_A`` (r × in), ``lora_B`` (out × r), its
+    dropout and scale; DoRA's trained magnitude ``lora_magnitude`` (out,); PiSSA's initial
+    factors ``lora_A_init`` / ``lora_B_init`` (frozen buffers: the principal part the base
+    gave up). The active adapter's parts sit on the ``LoRALinear`` itself, under these names."""
 
-    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter, lora_dropout: nn.Module,
-                 rank: int, alpha: float, scaling: str):
+    def __init__(self, rank: int, alpha: float, scaling: str, lora_dropout: nn.Module, **tensors: torch.Tensor | None):
         super().__init__()
-        self.lora_A, self.lora_B, self.lora_dropout = lora_A, lora_B, lora_dropout
         self.rank, self.alpha, self.scaling = rank, alpha, scaling
         self.scale = lora_scale(alpha, rank, scaling)
+        self.lora_dropout = lora_dropout
+        for key in TRAINED:
+            setattr(self, key, tensors.get(key))
+        for key in FROZEN:
+            self.register_buffer(key, tensors.get(key))
 
     @classmethod
     def initialised(cls, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0,
                     scaling: str = "standard", init: str = "kaiming", **factory) -> LoRAAdapter:
-        """A fresh adapter: A random, B zero, so it starts as no change at all (LoRA §4.1)."""
+        """A fresh adapter: A random, B zero, so it starts as no change at all (LoRA §4.1).
+        (PiSSA replaces both from the base's SVD: ``LoRALinear.add_adapter``.)"""
         lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
         if init == "gaussian":
@@ -119,7 +128,19 @@ class LoRAAdapter(nn.Module):
         else:  # the initialisation nn.Linear (and loralib, PEFT) give A
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         dropout_layer = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        return cls(lora_A, lora_B, dropout_layer, rank, alpha, scaling)
+        return cls(rank, alpha, scaling, dropout_layer, lora_A=lora_A, lora_B=lora_B)
+
+
+TRAINED = ("lora_A", "lora_B", "lora_magnitude")  # an adapter's parameters (lora_magnitude: DoRA only)
+FROZEN = ("lora_A_init", "lora_B_init")  # PiSSA only
+
+
+def pissa_factors(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA (Meng et al. 2024, §3): W = U S Vᵀ, A = √(S_r/scale) V_rᵀ (r × in) and
+    B = U_r √(S_r/scale) (out × r), so scale · B A is W's best rank-r approximation."""
+    U, S, Vh = torch.linalg.svd(weight, full_matrices=False)  # (out, k), (k,), (k, in)
+    root = (S[:rank] / scale).sqrt()  # (r,)
+    return root[:, None] * Vh[:rank], U[:, :rank] * root  # (r, in), (out, r)
 
 
 class LoRALinear(nn.Module):
@@ -130,6 +151,10 @@ class LoRALinear(nn.Module):
     a fresh layer computes exactly what the base computed. ``lora_A`` and
     ``lora_B`` are float32 under a bf16/fp16 base (as PEFT keeps them): the LoRA
     path runs in float32 and its result is cast back to the activation dtype.
+
+    Two variants change the update. DoRA (``dora=True``) trains a magnitude per output
+    and normalises the direction: W' = m ⊙ (W + scale·B A) / ‖W + scale·B A‖. PiSSA
+    (``init="pissa"``) starts A, B at W's principal part and leaves the residual in W.
 
     A layer can hold several named adapters (one base, many tasks). The active
     one is the layer's own ``lora_A`` / ``lora_B`` / ``lora_dropout`` / ``rank`` /
@@ -144,7 +169,8 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear | QuantizedLinear, *, rank: int, alpha: float, dropout: float = 0.0,
-                 scaling: str = "standard", init: str = "kaiming", adapter_name: str = DEFAULT_ADAPTER):
+                 scaling: str = "standard", init: str = "kaiming", dora: bool = False,
+                 adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         if isinstance(base, QuantizedLinear):
@@ -157,7 +183,7 @@ class LoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.merged = False
         self.disabled = False
-        self.add_adapter(adapter_name, rank, alpha, dropout, scaling, init)
+        self.add_adapter(adapter_name, rank, alpha, dropout, scaling, init, dora)
         self.set_adapter(adapter_name)
 
     @property
@@ -168,8 +194,13 @@ class LoRALinear(nn.Module):
         """What holds adapter ``name``'s lora_A, lora_B and scale: the layer itself when it is active."""
         return self if name == self.active_adapter else self.lora_parked[name]
 
+    def base_weight(self) -> torch.Tensor:
+        """The W this layer computes with (a quantized base's: its float32 dequantization)."""
+        return self.weight if self.base_layer is None else self.base_layer.dequantize_weight()
+
+    @torch.no_grad()
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0,
-                    scaling: str = "standard", init: str = "kaiming") -> None:
+                    scaling: str = "standard", init: str = "kaiming", dora: bool = False) -> None:
         """A new adapter, parked and frozen until ``set_adapter(name)``."""
         # float32 at least: bf16 cannot hold the small updates B receives early in training
         # (and a quantized base's integer codes promote to float32 too)
@@ -178,6 +209,25 @@ class LoRALinear(nn.Module):
         adapter = LoRAAdapter.initialised(self.in_features, self.out_features, rank, alpha, dropout, scaling, init,
                                           device=base.device, dtype=dtype)
         self.lora_parked[name] = adapter.requires_grad_(False)
+        if init == "pissa":
+            if self.base_layer is not None:
+                raise ValueError("PiSSA needs a float base to take the SVD of, not a quantized one")
+            A, B = pissa_factors(self.weight.to(dtype), rank, adapter.scale)
+            adapter.lora_A.copy_(A)
+            adapter.lora_B.copy_(B)
+            self.leave_residual(name, A, B)
+        if dora:  # DoRA §4.1: m starts at ‖W + scale·B A‖ (= ‖W‖ unless PiSSA), so W' = W at init
+            weight = self.base_weight().to(dtype) + adapter.scale * adapter.lora_B @ adapter.lora_A
+            adapter.lora_magnitude = nn.Parameter(weight.norm(dim=1), requires_grad=False)  # (out,)
+
+    @torch.no_grad()
+    def leave_residual(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """PiSSA: W becomes the residual W − scale · B A, and adapter ``name`` keeps A, B as
+        its initial factors, which the saved adapter records (the base it applies to is
+        the original W minus them)."""
+        adapter = self.adapter(name)
+        adapter.lora_A_init, adapter.lora_B_init = A.clone(), B.clone()
+        self.weight.copy_((self.weight.to(A.dtype) - adapter.scale * B @ A).to(self.weight.dtype))
 
     def set_adapter(self, name: str | None) -> None:
         """Compute with adapter ``name`` (trainable; the others frozen, as in PEFT), or with
@@ -187,17 +237,26 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear is merged: call unmerge() before switching adapters")
         if self.active_adapter is not None:
+            tensors = {key: getattr(self, key) for key in TRAINED + FROZEN}
             self.lora_parked[self.active_adapter] = LoRAAdapter(
-                self.lora_A, self.lora_B, self.lora_dropout, self.rank, self.alpha, self.scaling).requires_grad_(False)
+                self.rank, self.alpha, self.scaling, self.lora_dropout, **tensors).requires_grad_(False)
             self._empty_slot()
         if name in self.lora_parked:
             adapter = self.lora_parked.pop(name).requires_grad_(True)
-            self.lora_A, self.lora_B, self.lora_dropout = adapter.lora_A, adapter.lora_B, adapter.lora_dropout
+            for key in TRAINED:
+                setattr(self, key, getattr(adapter, key))
+            for key in FROZEN:
+                self.register_buffer(key, getattr(adapter, key))
+            self.lora_dropout = adapter.lora_dropout
             self.rank, self.alpha = adapter.rank, adapter.alpha
             self.scaling, self.scale = adapter.scaling, adapter.scale
             self.active_adapter = name
 
+    @torch.no_grad()
     def delete_adapter(self, name: str) -> None:
+        adapter = self.adapter(name)
+        if adapter.lora_A_init is not None:  # PiSSA: give W its principal part back
+            self.weight.add_((adapter.scale * adapter.lora_B_init @ adapter.lora_A_init).to(self.weight.dtype))
         if name == self.active_adapter:
             if self.merged:
                 raise RuntimeError("LoRALinear is merged: call unmerge() before deleting its active adapter")
@@ -206,7 +265,8 @@ class LoRALinear(nn.Module):
             del self.lora_parked[name]
 
     def _empty_slot(self) -> None:
-        del self.lora_A, self.lora_B, self.lora_dropout
+        for key in TRAINED + FROZEN + ("lora_dropout",):
+            delattr(self, key)
         self.rank = self.alpha = self.scaling = self.scale = self.active_adapter = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,22 +281,58 @@ class LoRALinear(nn.Module):
         x = self.lora_dropout(x.to(self.lora_A.dtype))  # float32 under a bf16/fp16 base
         # (x Aᵀ) Bᵀ: never materialise the (out × in) product B A in training
         lora = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., out)
+        if self.lora_magnitude is not None:
+            return self._dora(x, result, lora)
         return (result + self.scale * lora).to(result.dtype)
+
+    def _dora(self, x: torch.Tensor, result: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        """DoRA (Liu et al. 2024, eq. 5): (m / ‖W + scale·B A‖) ⊙ (W x + scale·B A x) + b, the
+        norm per output taken as a constant for the gradient (§4.3), as PEFT computes it."""
+        weight = self.base_weight().to(lora.dtype)
+        factor = self.lora_magnitude / self._direction_norm(weight)  # (out,)
+        if isinstance(self.lora_dropout, nn.Identity):  # W x is in result already
+            base = result.to(lora.dtype) - (self.bias.to(lora.dtype) if self.bias is not None else 0)
+        else:  # PEFT's choice: the magnitude rescales W on the dropped-out input too
+            base = F.linear(x, weight)  # (..., out)
+        return (result + (factor - 1) * base + factor * self.scale * lora).to(result.dtype)
+
+    @torch.no_grad()  # DoRA §4.3: detached, so this (out × in) product holds no graph
+    def _direction_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """‖W + scale · B A‖ per output (one row of W each): DoRA's column norm (out,)."""
+        return (weight + self.scale * self.lora_B @ self.lora_A).norm(dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         """scale · B A, shape (out, in), in the adapter's dtype (float32, or float64 for a float64 base)."""
         return self.scale * (self.lora_B @ self.lora_A)
 
     def merged_weight(self) -> torch.Tensor:
-        """W + scale · B A, summed in the adapter's dtype and cast to W's once (a quantized
-        base's W is its float32 dequantization)."""
-        delta = self.delta_weight()
-        weight = self.weight if self.base_layer is None else self.base_layer.dequantize_weight()
-        return (weight.to(delta.dtype) + delta).to(weight.dtype)
+        """W + scale · B A (DoRA: rescaled per output to the magnitude), summed in the
+        adapter's dtype and cast to W's once (a quantized base's W is its float32 dequantization)."""
+        weight = self.base_weight()
+        return self._merged(weight.to(self.lora_A.dtype)).to(weight.dtype)
+
+    def _merged(self, weight: torch.Tensor) -> torch.Tensor:
+        merged = weight + self.delta_weight()
+        if self.lora_magnitude is not None:
+            merged = merged * (self.lora_magnitude / merged.norm(dim=1))[:, None]
+        return merged
+
+    def original_weight(self) -> torch.Tensor:
+        """W before any adapter, in the adapter's dtype: the base's (PiSSA: the residual
+        plus the principal part it gave the adapter)."""
+        weight = self.base_weight().to(self.lora_A.dtype)
+        return weight if self.lora_A_init is None else weight + self.scale * self.lora_B_init @ self.lora_A_init
+
+    def effective_delta(self) -> torch.Tensor:
+        """What the adapter adds to the original weight, whatever the variant: the merged
+        weight minus ``original_weight()``, (out, in), of an unmerged layer."""
+        if self.merged:
+            raise RuntimeError("effective_delta needs an unmerged layer: call unmerge() first")
+        return self._merged(self.base_weight().to(self.lora_A.dtype)) - self.original_weight()
 
     @torch.no_grad()
     def merge(self, safe: bool = False, dequantize: bool = False) -> None:
-        """Fold scale · B A into W. Idempotent. ``safe=True`` (PEFT's safe_merge) raises
+        """Fold the update into W. Idempotent. ``safe=True`` (PEFT's safe_merge) raises
         before writing if the merged weight would hold NaN or inf, and leaves W as it was.
 
         A quantized base has no float W to fold into: ``dequantize=True`` replaces it, for
@@ -253,6 +349,8 @@ class LoRALinear(nn.Module):
             _require_finite_merge(merged, self.active_adapter, f"Linear({self.in_features} -> {self.out_features})")
         if self.base_layer is not None:
             self.dequantize_base()
+        if self.lora_magnitude is not None:  # unmerge needs the norm of the W it cannot see then
+            self.merged_norm = self._direction_norm(self.weight.to(self.lora_A.dtype))
         self.weight.copy_(merged)
         self.merged = True
 
@@ -261,12 +359,18 @@ class LoRALinear(nn.Module):
         linear = self.base_layer.to_linear()
         self.weight, self.bias, self.base_layer = linear.weight, linear.bias, None
 
+    def _unmerged_weight(self) -> torch.Tensor:
+        """W as it was before ``merge``, in the adapter's dtype."""
+        merged = self.weight.to(self.lora_A.dtype)
+        if self.lora_magnitude is not None:
+            merged = merged * (self.merged_norm / self.lora_magnitude)[:, None]
+        return merged - self.delta_weight()
+
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take scale · B A back out of W. Idempotent."""
+        """Take the update back out of W. Idempotent."""
         if self.merged:
-            delta = self.delta_weight()
-            self.weight.copy_((self.weight.to(delta.dtype) - delta).to(self.weight.dtype))
+            self.weight.copy_(self._unmerged_weight().to(self.weight.dtype))
             self.merged = False
 
     def to_linear(self, dequantize: bool = False) -> nn.Linear:
@@ -330,6 +434,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAUL
     """
     require_new_adapter_name(model, adapter_name)
     require_unmerged(model, "adding an adapter")
+    if pissa := variant_adapters(model, "pissa") or (adapter_names(model) if config.init == "pissa" else []):
+        raise ValueError(f"LoRA init='pissa' leaves its residual in the base, so a PiSSA adapter is the model's "
+                         f"only one: cannot add {adapter_name!r} beside {pissa}")
     _require_quantization(model, adapter_name, config.quantize)
     targets = _validated_targets(model, config)
     saved = modules_to_save(model, config.modules_to_save)
@@ -344,10 +451,11 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAUL
     for target in targets:
         layer = model.get_submodule(target)
         if isinstance(layer, LoRALinear):
-            layer.add_adapter(adapter_name, config.rank, config.alpha, config.dropout, config.scaling, config.init)
+            layer.add_adapter(adapter_name, config.rank, config.alpha, config.dropout, config.scaling, config.init,
+                              config.dora)
         else:
             layer = LoRALinear(layer, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
-                               scaling=config.scaling, init=config.init, adapter_name=adapter_name)
+                               scaling=config.scaling, init=config.init, dora=config.dora, adapter_name=adapter_name)
             replace_module(model, target, layer)
         layer.set_adapter(active)
     return targets
@@ -445,6 +553,14 @@ def active_adapter(model: nn.Module) -> str | None:
     return next((m.active_adapter for m in lora_modules(model).values() if m.active_adapter is not None), None)
 
 
+def variant_adapters(model: nn.Module, variant: str | None = None) -> list[str]:
+    """The adapters that are DoRA (``variant="dora"``) or PiSSA (``"pissa"``); both when None."""
+    keys = {"dora": ("lora_magnitude",), "pissa": ("lora_A_init",), None: ("lora_magnitude", "lora_A_init")}[variant]
+    return [name for name in adapter_names(model)
+            if any(getattr(layer.adapter(name), key) is not None for layer in lora_modules(model).values()
+                   if name in layer.adapter_names for key in keys)]
+
+
 def require_new_adapter_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[\w-]+", name) or hasattr(nn.ModuleDict, name):
         raise ValueError(f"adapter name {name!r} is invalid: expected letters, digits, '_' or '-' "
@@ -467,5 +583,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def analytic_lora_parameters(model: nn.Module) -> int:
-    """Σ r · (in + out) over the layers the active adapter adapts: what LoRA should add."""
-    return sum(m.rank * (m.in_features + m.out_features) for m in lora_layers(model).values())
+    """Σ r · (in + out) over the layers the active adapter adapts (+ out for DoRA's
+    magnitude): what the adapter should add."""
+    return sum(m.rank * (m.in_features + m.out_features) + (m.out_features if m.lora_magnitude is not None else 0)
+               for m in lora_layers(model).values())

@@ -1,5 +1,5 @@
-"""The LightningModule: next-token training of a GPT's trainable parameters (or image
-classification with a ViT's)."""
+"""The LightningModule: trains a model's trainable parameters, next-token prediction for a
+GPT, image classification for a ViT."""
 
 from __future__ import annotations
 
@@ -12,21 +12,25 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from loralab.model import GPT
+from loralab.model_kinds import kind_of
 from loralab.schedule import warmup_cosine
+from loralab.variants import lora_plus_param_groups
 from loralab.vit import ViT
 
 
-class LitGPT(pl.LightningModule):
-    """Trains whatever in ``model`` requires grad: the LoRA adapters, or every weight
-    for full fine-tuning. A non-finite training loss stops the run as diverged."""
+class LitTransformer(pl.LightningModule):
+    """Trains whatever in ``model`` (any of loralab's transformers, see ``model_kinds``) requires
+    grad: the LoRA adapters, or every weight for full fine-tuning and pretraining. A non-finite
+    training loss stops the run as diverged."""
 
     def __init__(self, model: GPT | ViT, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
-                 warmup_steps: int = 0, min_lr_ratio: float = 0.1, max_steps: int = 1):
+                 warmup_steps: int = 0, min_lr_ratio: float = 0.1, max_steps: int = 1, lora_plus_ratio: float = 1.0):
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.lora_plus_ratio = lora_plus_ratio
         self.schedule = warmup_cosine(warmup_steps, max_steps, min_lr_ratio)
-        n_classes = model.config.n_classes if isinstance(model, ViT) else model.config.vocab_size
+        n_classes = kind_of(model).n_classes(model)
         # a NaN batch makes val/loss inf, never dropped ("disable" would also drop the weights)
         self.val_loss = MeanMetric(nan_strategy=math.inf)
         self.val_ppl = Perplexity(ignore_index=-1)
@@ -77,7 +81,10 @@ class LitGPT(pl.LightningModule):
         set_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.lora_plus_ratio == 1:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+        else:  # LoRA+: B at lora_plus_ratio × A's lr
+            params = lora_plus_param_groups(self.model, self.lr, self.lora_plus_ratio, self.weight_decay)
         optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loralab.gpt2 import CONV1D, HF_NAME, OURS, QKV, in_block
+from loralab.gpt2 import CONV1D, HF_NAME, OUR_NAME, QKV, in_block
 from loralab.lora import LoRAConfig, LoRALinear, find_targets, lora_layers
 from loralab.model import GPT
 from loralab.quant import quantization
@@ -82,12 +82,17 @@ def export_peft_adapter(model: GPT, lora_config: LoRAConfig, directory: str | Pa
         A, B, ranks[hf_name], alphas[hf_name] = _fuse(hf_name, parts, model.config.n_embd)
         tensors[f"{PEFT_PREFIX}{hf_name}.lora_A.weight"] = A
         tensors[f"{PEFT_PREFIX}{hf_name}.lora_B.weight"] = B
+        if lora_config.dora:
+            tensors[f"{PEFT_PREFIX}{hf_name}.lora_magnitude_vector"] = _fused_magnitude(model, hf_name, parts)
     modules = {name: [layer.rank, layer.alpha] for name, layer in sorted(layers.items())}
     layout = {"lora": asdict(lora_config), "modules": modules}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, directory / PEFT_WEIGHTS,
               metadata={"format": "pt", METADATA_KEY: json.dumps(layout)})
+    if lora_config.init == "pissa":  # exported as the rank-2r LoRA on the original base (_peft_factors)
+        factor = 2 if lora_config.scaling == "standard" else math.sqrt(2)
+        lora_config = replace(lora_config, rank=2 * lora_config.rank, alpha=lora_config.alpha * factor, init="kaiming")
     peft_config = _peft_config(lora_config, ranks, alphas, model.config.n_layer, base_model_name_or_path)
     (directory / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
     return directory
@@ -108,7 +113,7 @@ def _our_modules(hf_name: str) -> list[str]:
     if module not in CONV1D:
         raise ValueError(f"a LoRA on {hf_name!r} cannot be imported: loralab maps only GPT-2's block modules "
                          f"{list(CONV1D)}")
-    return [f"{block}.{name}" for name in (QKV if module == "attn.c_attn" else [OURS[module]])]
+    return [f"{block}.{name}" for name in (QKV if module == "attn.c_attn" else [OUR_NAME[module]])]
 
 
 def _qkv_order(name: str) -> int:
@@ -122,22 +127,42 @@ def _rows(name: str, n_embd: int) -> slice:
     return slice(i * n_embd, (i + 1) * n_embd) if in_block(name)[1] in QKV else slice(None)
 
 
+def _peft_factors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """A layer's LoRA as PEFT holds it on the original base: (A, B, rank, alpha). PiSSA's
+    becomes a rank-2r LoRA as PEFT converts it (``path_initial_model_for_weight_conversion``):
+    W_res + s·B A = W + s·(B A − B₀ A₀) = W + s·[B, −B₀] [A; A₀], at the alpha keeping s."""
+    if layer.lora_A_init is None:
+        return layer.lora_A, layer.lora_B, layer.rank, layer.alpha
+    alpha = layer.alpha * (2 if layer.scaling == "standard" else math.sqrt(2))
+    return (torch.cat([layer.lora_A, layer.lora_A_init]), torch.cat([layer.lora_B, -layer.lora_B_init], dim=1),
+            2 * layer.rank, alpha)
+
+
 @torch.no_grad()
 def _fuse(hf_name: str, parts: list[tuple[str, LoRALinear]], n_embd: int):
     """One PEFT LoRA (A, B, rank, alpha) that computes the sum of ``parts``' LoRAs, in q, k, v order."""
-    (_, first), m = parts[0], len(parts)
-    if any((layer.rank, layer.alpha) != (first.rank, first.alpha) for _, layer in parts):
+    factors = [_peft_factors(layer) for _, layer in parts]
+    (_, _, r, first_alpha), m = factors[0], len(parts)
+    if any((rank, alpha) != (r, first_alpha) for _, _, rank, alpha in factors):
         raise ValueError(f"LoRAs {[name for name, _ in parts]} differ in rank or alpha: their fused "
                          f"{hf_name} adapter has one scale")
-    r = first.rank
-    out_features = 3 * n_embd if hf_name.endswith("c_attn") else first.out_features
-    A = torch.cat([layer.lora_A for _, layer in parts])  # (m·r, in)
+    out_features = 3 * n_embd if hf_name.endswith("c_attn") else parts[0][1].out_features
+    A = torch.cat([A for A, _, _, _ in factors])  # (m·r, in)
     B = A.new_zeros(out_features, m * r)  # (out, m·r)
-    for i, (name, layer) in enumerate(parts):
-        B[_rows(name, n_embd), i * r:(i + 1) * r] = layer.lora_B
+    for i, ((name, _), (_, B_part, _, _)) in enumerate(zip(parts, factors)):
+        B[_rows(name, n_embd), i * r:(i + 1) * r] = B_part
     # the scale alpha / r (or alpha / sqrt(r)) at the fused rank m·r
-    alpha = first.alpha * (m if first.scaling == "standard" else math.sqrt(m))
+    alpha = first_alpha * (m if parts[0][1].scaling == "standard" else math.sqrt(m))
     return A, B, m * r, alpha
+
+
+@torch.no_grad()
+def _fused_magnitude(model: GPT, hf_name: str, parts: list[tuple[str, LoRALinear]]) -> torch.Tensor:
+    """DoRA's magnitude for the fused Conv1D: each part's own, and ‖W‖ for the rows of a
+    projection it does not adapt (its direction is W itself, so m / ‖W‖ = 1 there)."""
+    adapted = dict(parts)
+    return torch.cat([adapted[name].lora_magnitude if name in adapted else model.get_submodule(name).weight.norm(dim=1)
+                      for name in _our_modules(hf_name)])  # (out,)
 
 
 def _peft_config(config: LoRAConfig, ranks: dict[str, int], alphas: dict[str, float], n_layer: int,
@@ -146,7 +171,7 @@ def _peft_config(config: LoRAConfig, ranks: dict[str, int], alphas: dict[str, fl
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-        "use_rslora": config.scaling == "rslora",
+        "use_rslora": config.scaling == "rslora", "use_dora": config.dora,
         "target_modules": sorted(set(names.values())),
         "rank_pattern": {names[n]: r for n, r in sorted(ranks.items()) if r != config.rank},
         "alpha_pattern": {names[n]: a for n, a in sorted(alphas.items()) if a != config.alpha},

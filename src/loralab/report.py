@@ -26,12 +26,10 @@ from filelock import FileLock
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 
-from loralab import stats
+from loralab import stats, tuning
 from loralab.files import write_atomic
 from loralab.layout import (
     MULTIRUN_YAML,
-    RANK_KEY,
-    SEED_KEY,
     SUMMARY,
     RunDirError,
     declared_jobs,
@@ -44,6 +42,7 @@ from loralab.layout import (
     swept_keys,
 )
 from loralab.overrides import parse_overrides, swept_overrides
+from loralab.plots import PLOTS, SweepResults, write_plots
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +107,32 @@ class Run:
         return self.status == "completed" and math.isfinite(self.metrics.get("val/loss", math.nan))
 
 
-def write_report(sweep_dir: str | Path) -> Path:
-    """Write report.md, report.csv and the plots into ``sweep_dir``; print the table."""
+def write_report(sweep_dir: str | Path, tune: str | None = None) -> Path:
+    """Write report.md, report.csv, settings.csv and the plots into ``sweep_dir`` (and tuned.csv
+    when ``tune`` names a key, or the sweep varies optim.lr); print the settings table."""
     sweep_dir = Path(sweep_dir)
     check_sweep_dir(sweep_dir)
     # Jobs of a parallel launcher end at the same time: one writer at a time, and each
     # reads the summaries only once it holds the lock, so the last writer sees them all.
     with FileLock(sweep_dir / ".report.lock", timeout=LOCK_TIMEOUT_S):
         runs = load_runs(sweep_dir)
-        settings = aggregate(runs)
+        tune = tune or (tuning.TUNE_KEY if any(tuning.TUNE_KEY in run.swept for run in runs) else None)
+        settings, tuned = aggregate(runs), tuning.tune(runs, tune or tuning.TUNE_KEY)
         rows = [table_row(run) for run in runs]
         write_atomic(sweep_dir / "report.csv", to_csv(rows, COLUMNS).encode())
         write_atomic(sweep_dir / "settings.csv", to_csv([setting_row(s) for s in settings], SETTING_COLUMNS).encode())
-        skipped = write_plots(runs, settings, sweep_dir)
+        if tune:
+            tuned_rows = [tuning.tuned_row(t) for t in tuned]
+            own_keys = list(dict.fromkeys(key for t in tuned for key in t.keys))
+            write_atomic(sweep_dir / "tuned.csv", to_csv(tuned_rows, tuning.TUNED_COLUMNS + own_keys).encode())
+        skipped = write_plots(SweepResults(runs, settings, tuned, tune), sweep_dir)
         table, setting_table = to_markdown(rows), settings_markdown(settings)
-        write_atomic(sweep_dir / "report.md",
-                     report_markdown(sweep_dir, runs, settings, setting_table, table, skipped).encode())
+        tuned_section = tuned_markdown(tuned, tune) if tune else []
+        write_atomic(sweep_dir / "report.md", report_markdown(sweep_dir, runs, settings, setting_table, table,
+                                                               skipped, tuned_section).encode())
     print(f"\nSweep report ({sweep_dir / 'report.md'}):\n\n{setting_table}\n\n{verdicts(settings)}", flush=True)
+    if tune:
+        print("\n" + "\n\n".join(tuned_section[2:]), flush=True)
     return sweep_dir / "report.md"
 
 
@@ -227,7 +235,7 @@ def shorten(error: str) -> str:
 
 
 def report_markdown(sweep_dir: Path, runs: list[Run], settings: list[Setting], setting_table: str, table: str,
-                    skipped: dict[str, str]) -> str:
+                    skipped: dict[str, str], tuned_section: list[str]) -> str:
     tally = ", ".join(f"{n} {status}" for status, n in Counter(run.status for run in runs).items())
     plots = [f"No `{name}`: {skipped[name]}." if name in skipped else f"![{name}]({name})" for name, _, _ in PLOTS]
     # with two settings the one pair is the comparison with the best
@@ -235,7 +243,7 @@ def report_markdown(sweep_dir: Path, runs: list[Run], settings: list[Setting], s
     parts = [f"# Sweep report: {sweep_dir}", f"{len(runs)} runs: {tally}.",
              "## Settings (mean over completed seeds, 95 % CI)", STATS_NOTE, setting_table,
              "## Comparisons with the best setting", verdicts(settings),
-             *pairs,
+             *pairs, *tuned_section,
              "## Runs", table, "## Plots", *plots, "## Inside the adapters", analysis_link(sweep_dir)]
     return "\n\n".join(parts) + "\n"
 
@@ -371,8 +379,10 @@ def verdicts(settings: list[Setting]) -> str:
 
 PAIRS_NOTE = ("The question a sweep asks is often about two settings, neither of them the best (is r = 16 "
               "better than r = 8?). Each line is the first setting minus the second, with the 95 % CI of the "
-              "difference and the same test as above. These are many tests at once, none corrected for the "
-              "others: among pairs that do not differ, about one in twenty will look distinguishable by chance.")
+              "difference and the same test as above, its raw p-value and beside it the Holm-adjusted one "
+              "(over all the pairs: many tests at once would otherwise find about one false difference in "
+              "twenty). A pair differs beyond noise only when the adjusted p < 0.05; otherwise the difference "
+              "is not shown at these seeds, and the CI bounds how large it can be.")
 
 
 def comparable(settings: list[Setting]) -> list[Setting]:
@@ -380,157 +390,51 @@ def comparable(settings: list[Setting]) -> list[Setting]:
 
 
 def every_pair(settings: list[Setting]) -> str:
-    """One line per pair of settings with at least 2 completed seeds, in job order."""
-    lines = []
-    for a, b in itertools.combinations(comparable(settings), 2):
-        c = stats.compare(a.by_seed(), b.by_seed())
-        verdict = (f"{a.name if c.diff < 0 else b.name} has the lower val/loss" if c.distinguishable
-                   else "not distinguishable")
-        lines.append(f"- {a.name} − {b.name}: {c.diff:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}], "
-                     f"p = {c.p_value:.3g} ({c.test}): {verdict}.")
-    return "\n".join(lines)
+    """One line per pair of settings with at least 2 completed seeds, in job order, Holm-adjusted."""
+    compared = [(a, b, stats.compare(a.by_seed(), b.by_seed()))
+                for a, b in itertools.combinations(comparable(settings), 2)]
+    adjusted = stats.holm([c.p_value for _, _, c in compared])
+    return "\n".join(pair_line(a.name, b.name, c, p, "val/loss", min(len(a.completed), len(b.completed)))
+                     for (a, b, c), p in zip(compared, adjusted))
 
 
-# --- plots: what a researcher asks of a sweep, one figure each ---------------------
+def pair_line(a: str, b: str, c: stats.Comparison, p_adjusted: float, metric: str, n: int) -> str:
+    """``a − b: diff [CI], p = raw (Holm p = adjusted, test): verdict`` — never "the same"."""
+    if p_adjusted < tuning.SIGNIFICANCE:
+        verdict = f"{a if c.diff < 0 else b} has the lower {metric}"
+    else:
+        verdict = f"not shown at {n} seeds, |diff| < {max(abs(c.ci[0]), abs(c.ci[1])):.4f}"
+    return (f"- {a} − {b}: {c.diff:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}], p = {c.p_value:.3g} "
+            f"(Holm p = {p_adjusted:.3g}, {c.test}): {verdict}.")
 
 
-def write_plots(runs: list[Run], settings: list[Setting], sweep_dir: Path) -> dict[str, str]:
-    """Draw each plot that has data; return {file name: why not} for those that have none."""
-    skipped = {}
-    for name, draw, why_not in PLOTS:
-        figure = draw(runs, settings)
-        if figure is None:
-            skipped[name] = why_not
-            (sweep_dir / name).unlink(missing_ok=True)  # a plot from an earlier report would be stale
-            continue
-        png = io.BytesIO()
-        figure.savefig(png, format="png", dpi=120)
-        write_atomic(sweep_dir / name, png.getvalue())
-    return skipped
+TUNED_NOTE = ("Each setting (everything but `{key}` and the seed) at its own best `{key}`: the one with the "
+              "lowest mean final val/loss over seeds (ties: the smaller; never one at which a seed diverged), "
+              "then compared on test/loss, which the choice never saw (mean ± 95 % CI over the seeds at that "
+              "lr). Also in `tuned.csv`. A choice at the edge of the grid is flagged: its best lr may lie "
+              "outside the grid.")
 
 
-def new_axes(title: str, xlabel: str, ylabel: str, ncols: int = 1):
-    # A bare Figure renders with Agg and never touches pyplot's global state or a GUI.
-    # Imported here so that `import loralab.report` (every job imports it) stays fast.
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6 * ncols, 4.5), layout="constrained")
-    axes = figure.subplots(1, ncols, squeeze=False)[0]
-    figure.suptitle(title)
-    for ax in axes:
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    return figure, axes
-
-
-def mean_curve(runs: list[Run], metric: str) -> tuple[list[int], list[float], list[float]]:
-    """(steps, mean, std) of ``metric``'s curve over runs, at the steps every run logged."""
-    curves = [dict(map(tuple, run.history[metric])) for run in runs]
-    steps = sorted(set.intersection(*(set(curve) for curve in curves)))
-    values = [[curve[step] for curve in curves] for step in steps]
-    means = [sum(v) / len(v) for v in values]
-    stds = [math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-            for v, m in zip(values, means)]
-    return steps, means, stds
-
-
-def plot_loss_curves(runs: list[Run], settings: list[Setting]):
-    drawn = [s for s in settings if s.completed and all(run.history.get("train/loss") for run in s.completed)]
-    if not drawn:
-        return None
-    figure, (train_ax, val_ax) = new_axes("Loss curves: mean over seeds, band ± 1 std", "step", "loss", ncols=2)
-    train_ax.set_title("train/loss")
-    val_ax.set_title("val/loss (step 0: the base model)")
-    for setting in drawn:
-        label = f"{setting.name} (n={len(setting.completed)})"
-        for ax, metric in ((train_ax, "train/loss"), (val_ax, "val/loss")):
-            steps, means, stds = mean_curve(setting.completed, metric)
-            [line] = ax.plot(steps, means, linewidth=1, marker="o" if metric == "val/loss" else None, label=label)
-            ax.fill_between(steps, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
-                            color=line.get_color(), alpha=0.2)
-    val_ax.legend(fontsize="small")
-    return figure
-
-
-def series(setting: Setting) -> str:
-    """The setting's swept overrides other than the rank and the seed: one line per value."""
-    swept = setting.completed[0].swept
-    return setting_label(swept, leave_out=(RANK_KEY, SEED_KEY)) or "LoRA"
-
-
-def error(est: stats.Estimate) -> float:
-    return est.half_width or 0.0
-
-
-def draw_references(ax, settings: list[Setting], runs: list[Run]) -> None:
-    """Full fine-tuning as a band (mean ± CI) and the untouched base as a line."""
-    for setting in settings:
-        est = setting.estimates["val/loss"]
-        if est is None or not setting.completed[0].is_full:
-            continue
-        line = ax.axhline(est.mean, color="black", linestyle="--", label=f"full fine-tuning (n={est.n})")
-        if est.ci:
-            ax.axhspan(*est.ci, color=line.get_color(), alpha=0.1)
-    bases = [run.metrics["base/val_loss"] for run in runs if run.has_result and "base/val_loss" in run.metrics]
-    if bases:
-        ax.axhline(sum(bases) / len(bases), color="gray", linestyle=":", label="base, not fine-tuned")
-
-
-def plot_val_loss_vs_rank(runs: list[Run], settings: list[Setting]):
-    lora = [s for s in settings if s.completed and s.completed[0].rank is not None]
-    ranks = sorted({s.completed[0].rank for s in lora})
-    if len(ranks) < 2:
-        return None
-    figure, [ax] = new_axes("Final val/loss against LoRA rank (mean ± 95 % CI over seeds)", RANK_KEY, "val/loss")
-    for name in dict.fromkeys(series(s) for s in lora):
-        points = sorted((s.completed[0].rank, s.estimates["val/loss"]) for s in lora if series(s) == name)
-        ax.errorbar([r for r, _ in points], [e.mean for _, e in points], yerr=[error(e) for _, e in points],
-                    marker="o", capsize=3, label=name)
-    draw_references(ax, settings, runs)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ranks, [str(rank) for rank in ranks])
-    ax.minorticks_off()
-    ax.legend(fontsize="small")
-    return figure
-
-
-def plot_val_loss_vs_params(runs: list[Run], settings: list[Setting]):
-    done = [s for s in settings if s.completed]
-    if not done:
-        return None
-    figure, [ax] = new_axes("Final val/loss against trainable parameters (mean ± 95 % CI)", "params/trainable",
-                            "val/loss")
-    points = [(s.completed[0].metrics["params/trainable"], s.estimates["val/loss"], s) for s in done]
-    for name in dict.fromkeys(series(s) for _, _, s in points if not s.completed[0].is_full):
-        mine = [(p, e) for p, e, s in points if not s.completed[0].is_full and series(s) == name]
-        ax.errorbar([p for p, _ in mine], [e.mean for _, e in mine], yerr=[error(e) for _, e in mine],
-                    linestyle="none", marker="o", capsize=3, label=name)
-    for params, est, s in points:
-        if s.completed[0].is_full:
-            ax.errorbar([params], [est.mean], yerr=[error(est)], marker="*", markersize=14, color="black",
-                        capsize=3, label=f"full fine-tuning (n={est.n})")
-    ax.step(*zip(*frontier([(p, e.mean) for p, e, _ in points])), where="post", color="gray", linestyle=":",
-            label="frontier (of the means)")
-    ax.set_xscale("log")
-    ax.legend(fontsize="small")
-    return figure
-
-
-def frontier(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """The (params, val/loss) points no cheaper point beats: the efficiency frontier."""
-    best = []
-    for params, loss in sorted(points):
-        if not best or loss < best[-1][1]:
-            best.append((params, loss))
-    return best
-
-
-PLOTS = (  # (file name, drawing, why it may have nothing to draw)
-    ("loss_curves.png", plot_loss_curves, "no run completed"),
-    ("val_loss_vs_rank.png", plot_val_loss_vs_rank, "fewer than two LoRA ranks completed"),
-    ("val_loss_vs_params.png", plot_val_loss_vs_params, "no run completed"),
-)
+def tuned_markdown(tuned: list[tuning.TunedSetting], key: str) -> list[str]:
+    """The report's section on settings compared at their chosen lr: a table, its warnings, the pairs."""
+    header = ["setting", f"chosen {key}", "grid", "n", "val/loss", "test/loss", "learning (test)",
+              "forget/increase", "note"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for t in tuned:
+        p = t.chosen
+        grid = ", ".join(f"{q.lr:g}" if q.lr is not None else "not swept" for q in t.points)
+        learned = [r.metrics["base/test_loss"] - r.metrics["test/loss"] for r in p.completed
+                   if {"base/test_loss", "test/loss"} <= r.metrics.keys()] if p else []
+        cells = [t.name, "" if p is None or p.lr is None else f"{p.lr:g}", grid, str(len(p.completed) if p else 0),
+                 mean_ci(p.estimate("val/loss") if p else None), mean_ci(p.estimate("test/loss") if p else None),
+                 mean_ci(stats.estimate(learned) if learned else None, "{:+.4f}"),
+                 mean_ci(p.estimate("forget/increase") if p else None, "{:+.4f}"), t.note]
+        lines.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
+    pairs = tuning.pairs(tuned)
+    pair_lines = [pair_line(q.a.name, q.b.name, q.comparison, q.p_adjusted, "test/loss", q.n) for q in pairs]
+    return [f"## Settings at their own best {key}", TUNED_NOTE.format(key=key), "\n".join(lines),
+            f"### Every pair at the chosen {key} (test/loss, Holm-adjusted)",
+            "\n".join(pair_lines) or "No pair with at least 2 completed seeds each."]
 
 
 class SweepReport(Callback):
@@ -551,9 +455,12 @@ class SweepReport(Callback):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="loralab-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. outputs/multirun/<date>/<time>")
+    parser.add_argument("--tune", metavar="KEY", default=None,
+                        help=f"compare settings at their own best value of KEY, chosen on val/loss and reported "
+                             f"on test/loss (default: {tuning.TUNE_KEY} whenever the sweep varies it)")
     args = parser.parse_args(argv)
     try:
-        write_report(args.sweep_dir)
+        write_report(args.sweep_dir, args.tune)
     except ReportError as e:
         parser.error(str(e))
 

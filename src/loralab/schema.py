@@ -86,6 +86,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
+    lora_plus_ratio: float = 1.0  # LoRA+: lora_B's lr over lora_A's (1 = plain LoRA; the paper uses 16)
 
 
 @dataclass
