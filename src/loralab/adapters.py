@@ -240,24 +240,11 @@ class AdapterFileError(ValueError):
     shapes than that config gives this model."""
 
 
-def read_adapter_config(directory: str | Path) -> dict:
-    """``adapter_config.json`` of ``directory``, or AdapterFileError naming the file."""
-    path = Path(directory) / ADAPTER_CONFIG
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterFileError(f"{path} cannot be read: {type(e).__name__}: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("lora"), dict):
-        raise AdapterFileError(f"{path} is not an adapter config: it holds no \"lora\" section")
-    return meta
-
-
 def load_adapter_files(model: nn.Module, directory: str | Path, **load_args) -> LoRAConfig:
     """``load_adapter``, with every way the directory's files can be wrong as one
     AdapterFileError naming the directory (the model keeps the adapters it had)."""
     from safetensors import SafetensorError
 
-    read_adapter_config(directory)
     try:
         return load_adapter(model, directory, **load_args)
     except (OSError, ValueError, TypeError, KeyError, SafetensorError) as e:

@@ -19,40 +19,32 @@ import shlex
 import sys
 from pathlib import Path
 
-import yaml
-
-from loralab.adapters import (
-    ADAPTER_CONFIG,
-    AdapterFileError,
-    load_adapter_files,
-    non_finite_weights,
-    read_adapter_config,
-)
+from loralab.adapters import ADAPTER_CONFIG, AdapterFileError, load_adapter_files, non_finite_weights
 from loralab.base import BaseError, load_recorded_base
+from loralab.layout import ADAPTER_DIR, adapter_dir, has_adapter, hydra_overrides, read_adapter_config
 from loralab.lora import LoRAConfig
 from loralab.model import GPT
-from loralab.overrides import HYDRA_OVERRIDES
 
 
 def load_finetuned(run_dir: str | Path) -> tuple[GPT, LoRAConfig, dict]:
     """The fine-tuned model of a completed LoRA run (its recorded base with its adapter
     loaded), the adapter's LoRAConfig and the adapter's saved metadata."""
     run_dir = Path(run_dir)
-    meta_file = run_dir / "adapter" / ADAPTER_CONFIG
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a completed LoRA run: it has no adapter/{ADAPTER_CONFIG}")
-    meta = read_adapter_config(run_dir / "adapter")
+    if not has_adapter(run_dir):
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a completed LoRA run: it has no "
+                                f"{ADAPTER_DIR}/{ADAPTER_CONFIG}")
+    meta = read_adapter_config(run_dir)
     if "base" not in meta:
-        raise BaseError(f"{meta_file} does not record its base model (written by an older loralab): "
-                        "re-run the run to export it")
+        raise BaseError(f"{adapter_dir(run_dir) / ADAPTER_CONFIG} does not record its base model "
+                        "(written by an older loralab): re-run the run to export it")
     try:
         model = load_recorded_base(meta["base"])
     except BaseError as e:
         raise BaseError(f"{e}. {how_to_rebuild(run_dir, meta['base'])}") from None
-    config = load_adapter_files(model, run_dir / "adapter")
+    config = load_adapter_files(model, adapter_dir(run_dir))
     non_finite = non_finite_weights(model)
     if non_finite:
-        raise AdapterFileError(f"{run_dir / 'adapter'} holds NaN or inf weights ({non_finite[0]} and "
+        raise AdapterFileError(f"{adapter_dir(run_dir)} holds NaN or inf weights ({non_finite[0]} and "
                                f"{len(non_finite) - 1} more): a diverged run has nothing to export")
     return model, config, meta
 
@@ -60,9 +52,7 @@ def load_finetuned(run_dir: str | Path) -> tuple[GPT, LoRAConfig, dict]:
 def how_to_rebuild(run_dir: Path, base: dict) -> str:
     if base["source"] != "cache":
         return "Put that file back where it was (the run loaded it from there)."
-    overrides_file = run_dir / HYDRA_OVERRIDES
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    command = shlex.join(["python", "train.py", *overrides])
+    command = shlex.join(["python", "train.py", *(hydra_overrides(run_dir) or [])])
     return (f"Pretraining is deterministic: running `{command}` from the directory that holds "
             f"{shlex.quote(str(Path(base['path']).parent))} pretrains the same base again")
 
