@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 CORE = ["loralab.lora", "loralab.adapters", "loralab.surgery", "loralab.model", "loralab.vit", "loralab.quant",
-        "loralab.analysis", "loralab.schedule"]
+        "loralab.analysis", "loralab.schedule", "loralab.variants"]
 FRAMEWORK = ["pytorch_lightning", "lightning", "lightning_fabric", "hydra", "omegaconf", "wandb", "torchmetrics"]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from loralab.files import atomic_path
 from loralab.lora import (
     DEFAULT_ADAPTER,
     FROZEN,
@@ -160,7 +161,8 @@ def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, ba
     directory.mkdir(parents=True, exist_ok=True)
     weights = {**lora_state_dict(model), **_saved_state_dict(model, config)}
     tensors = {k: v.contiguous().cpu() for k, v in weights.items()}
-    save_file(tensors, directory / ADAPTER_WEIGHTS)
+    with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, tmp)
     meta = {"lora": asdict(config), "adapted_modules": sorted(lora_layers(model))}
     if base is not None:
         meta["base"] = base
@@ -230,3 +232,25 @@ def _require_same_base(recorded: dict | None, expected_sha256: str | None, direc
 def _saved_state_dict(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": value.detach() for name, module in modules_to_save(model, config.modules_to_save).items()
             for key, value in module.state_dict().items()}
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory that cannot be what a run saved for this model: a file missing,
+    truncated or not JSON, a config that is not a LoRAConfig, or weights with other keys or
+    shapes than that config gives this model."""
+
+
+def load_adapter_files(model: nn.Module, directory: str | Path, **load_args) -> LoRAConfig:
+    """``load_adapter``, with every way the directory's files can be wrong as one
+    AdapterFileError naming the directory (the model keeps the adapters it had)."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_adapter(model, directory, **load_args)
+    except (OSError, ValueError, TypeError, KeyError, SafetensorError) as e:
+        raise AdapterFileError(f"adapter {directory} does not load: {type(e).__name__}: {e}") from None
+
+
+def non_finite_weights(model: nn.Module) -> list[str]:
+    """The active adapter's weights that hold a NaN or an inf (a diverged run's)."""
+    return [key for key, value in lora_state_dict(model).items() if not torch.isfinite(value).all()]

@@ -38,15 +38,14 @@ from loralab.checkpoints import (
     LastCheckpoint,
     checkpoint_step,
     discard_unreadable_checkpoint,
-    finished_summary,
     last_checkpoint,
 )
 from loralab.config import ConfigError, lora_config_of, model_config_of, validate
 from loralab.console import silence_known_noise
 from loralab.data import SeededDataModule, tokenizer_of
 from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, run_only_this_job
-from loralab.files import write_json
 from loralab.gpt2 import load_gpt2
+from loralab.layout import CHECKPOINTS_DIR, adapter_dir, finished_summary, write_summary
 from loralab.loggers import RunIdentity, finish_logger, log_adapter, make_logger, run_identity
 from loralab.lora import inject_lora
 from loralab.model import GPT
@@ -91,11 +90,11 @@ def train(cfg: DictConfig) -> float:
 
         def keep_adapter(logger) -> None:  # while the logger is open: the adapter is also a W&B artifact
             if lora_config is not None and is_rank_zero():
-                adapter_dir = save_adapter(model, lora_config, run_dir / "adapter", base=base.to_dict())
-                log_adapter(logger, cfg, adapter_dir, base.sha256)
+                saved = save_adapter(model, lora_config, adapter_dir(run_dir), base=base.to_dict())
+                log_adapter(logger, cfg, saved, base.sha256)
 
         result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim,
-                     checkpoint_dir=run_dir / "checkpoints", resume=cfg.resume, held_out=held_out,
+                     checkpoint_dir=run_dir / CHECKPOINTS_DIR, resume=cfg.resume, held_out=held_out,
                      on_completed=keep_adapter)
         summary.update(result)
         # +inf, not NaN, when it diverged: a search ranks it last (Optuna 2.10 refuses a NaN
@@ -110,7 +109,7 @@ def train(cfg: DictConfig) -> float:
             summary["wall_time_s"] = time.time() - started
             summary["config"] = OmegaConf.to_container(cfg, resolve=False)
             summary["provenance"] = provenance(cfg.trainer)
-            write_json(run_dir / "summary.json", summary)
+            write_summary(run_dir, summary)
             if not (summary["error"] or "").startswith(ConfigError.__name__):  # its lines alone say it (exits.py)
                 print_result(summary)
                 if identity.group is None:  # a sweep says where its results are once, at its end

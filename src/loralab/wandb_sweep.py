@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from loralab.layout import MULTIRUN_YAML
 from loralab.wandb_setup import start_wandb, wandb_mode
 
 
@@ -44,7 +45,7 @@ def sweep_run(sweep_dir: Path, config: DictConfig, job_type: str):
 
 def sweep_config(sweep_dir: Path) -> DictConfig:
     """The config a sweep's jobs were composed from, as its sweeper saved it."""
-    return OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
+    return OmegaConf.load(Path(sweep_dir) / MULTIRUN_YAML)
 
 
 def log_report(sweep_dir: Path, config: DictConfig) -> None:
