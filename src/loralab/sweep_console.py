@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 def announce_job(config: DictConfig) -> None:
     """``[loralab] job 2/6: lora.rank=4,seed=1``, numbered as the sweep's directories are (+1)."""
-    from loralab.loggers import run_identity
     from loralab.layout import declared_jobs
+    from loralab.loggers import run_identity
 
     hydra = config.hydra
     jobs = declared_jobs(hydra.sweep.dir)
