@@ -22,10 +22,9 @@ from loralab.lora import (
     inject_lora,
     lora_layers,
     merge_lora,
-    pissa_factors,
     unmerge_lora,
 )
-from loralab.variants import lora_plus_param_groups
+from loralab.variants import lora_plus_param_groups, pissa_factors
 from test_lora import tiny_gpt, tokens
 
 from conftest import compose

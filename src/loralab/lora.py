@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from loralab.quant import METHODS as QUANTIZE_METHODS
 from loralab.quant import QuantizedLinear, quantization, quantize_linears, quantized_layers
 from loralab.surgery import replace_module, tied_weights
+from loralab.variants import direction_norm, dora_output, pissa_factors
 
 SCALINGS = ("standard", "rslora")
 INITS = ("kaiming", "gaussian", "pissa")
@@ -133,14 +134,6 @@ class LoRAAdapter(nn.Module):
 
 TRAINED = ("lora_A", "lora_B", "lora_magnitude")  # an adapter's parameters (lora_magnitude: DoRA only)
 FROZEN = ("lora_A_init", "lora_B_init")  # PiSSA only
-
-
-def pissa_factors(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PiSSA (Meng et al. 2024, §3): W = U S Vᵀ, A = √(S_r/scale) V_rᵀ (r × in) and
-    B = U_r √(S_r/scale) (out × r), so scale · B A is W's best rank-r approximation."""
-    U, S, Vh = torch.linalg.svd(weight, full_matrices=False)  # (out, k), (k,), (k, in)
-    root = (S[:rank] / scale).sqrt()  # (r,)
-    return root[:, None] * Vh[:rank], U[:, :rank] * root  # (r, in), (out, r)
 
 
 class LoRALinear(nn.Module):
@@ -282,24 +275,8 @@ class LoRALinear(nn.Module):
         # (x Aᵀ) Bᵀ: never materialise the (out × in) product B A in training
         lora = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., out)
         if self.lora_magnitude is not None:
-            return self._dora(x, result, lora)
+            return dora_output(self, x, result, lora)
         return (result + self.scale * lora).to(result.dtype)
-
-    def _dora(self, x: torch.Tensor, result: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
-        """DoRA (Liu et al. 2024, eq. 5): (m / ‖W + scale·B A‖) ⊙ (W x + scale·B A x) + b, the
-        norm per output taken as a constant for the gradient (§4.3), as PEFT computes it."""
-        weight = self.base_weight().to(lora.dtype)
-        factor = self.lora_magnitude / self._direction_norm(weight)  # (out,)
-        if isinstance(self.lora_dropout, nn.Identity):  # W x is in result already
-            base = result.to(lora.dtype) - (self.bias.to(lora.dtype) if self.bias is not None else 0)
-        else:  # PEFT's choice: the magnitude rescales W on the dropped-out input too
-            base = F.linear(x, weight)  # (..., out)
-        return (result + (factor - 1) * base + factor * self.scale * lora).to(result.dtype)
-
-    @torch.no_grad()  # DoRA §4.3: detached, so this (out × in) product holds no graph
-    def _direction_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """‖W + scale · B A‖ per output (one row of W each): DoRA's column norm (out,)."""
-        return (weight + self.scale * self.lora_B @ self.lora_A).norm(dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         """scale · B A, shape (out, in), in the adapter's dtype (float32, or float64 for a float64 base)."""
@@ -350,7 +327,7 @@ class LoRALinear(nn.Module):
         if self.base_layer is not None:
             self.dequantize_base()
         if self.lora_magnitude is not None:  # unmerge needs the norm of the W it cannot see then
-            self.merged_norm = self._direction_norm(self.weight.to(self.lora_A.dtype))
+            self.merged_norm = direction_norm(self, self.weight.to(self.lora_A.dtype))
         self.weight.copy_(merged)
         self.merged = True
 
