@@ -47,8 +47,8 @@ LINEAR_SHAPES = {"q_proj": (1, 1), "k_proj": (1, 1), "v_proj": (1, 1), "o_proj":
 def expected_trainable(cfg) -> int:
     """What the run must train, counted from its config alone: Σ r·(in + out) over the
     adapted Linears of every block plus the modules_to_save, or every weight for full fine-tuning."""
-    from loralab.base import build_model
     from loralab.config import model_config_of
+    from loralab.model_kinds import build_model
 
     n_layer, n_embd = cfg.model.n_layer, cfg.model.n_embd
     model = build_model(model_config_of(cfg.model))

@@ -99,3 +99,25 @@ def test_a_sweeps_wandb_group_is_its_experiment_and_time_not_a_path(experiment, 
     hydra = OmegaConf.create({"sweep": {"dir": "/home/me/loralab/outputs/multirun/2026-11-23/10-59-01"},
                               "runtime": {"choices": {"experiment": experiment}}})
     assert sweep_group(hydra) == group
+
+
+@pytest.mark.slow
+def test_online_with_an_unreachable_server_logs_offline_after_a_bounded_wait(monkeypatch, tmp_path, caplog):
+    """W&B's own wait is 90 s, then a traceback; here the run goes on offline and says so."""
+    import time
+
+    from loralab.wandb_setup import ONLINE_WAIT_S, start_wandb
+
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
+    started = time.monotonic()
+    run = start_wandb("auto", project="p", dir=str(tmp_path), id="unreachable1", resume="allow", config={"x": 1})
+    waited = time.monotonic() - started
+    run.log({"train/loss": 1.0})
+    run.finish()
+    assert run.settings.mode == "offline"
+    assert waited < ONLINE_WAIT_S + 30  # the bounded wait, and a restart of W&B's service
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "loralab.wandb_setup"]
+    assert "logging offline instead" in warning and f"wandb sync {tmp_path}/wandb/offline-run-*" in warning
+    assert list((tmp_path / "wandb").glob("offline-run-*-unreachable1"))

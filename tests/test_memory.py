@@ -8,7 +8,7 @@ from loralab.callbacks import Throughput
 from loralab.data import TextDataModule
 from loralab.memory import can_reset_cpu_peak, peak_memory_mb
 from loralab.model import GPT, GPTConfig
-from loralab.module import LitGPT
+from loralab.module import LitTransformer
 
 
 @pytest.mark.skipif(not can_reset_cpu_peak(), reason="resetting the CPU peak needs Linux's /proc/self/clear_refs")
@@ -23,5 +23,5 @@ def test_a_run_does_not_count_the_peak_of_the_work_before_it_in_its_process():
     trainer = pl.Trainer(max_steps=3, logger=False, callbacks=[throughput], enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
                          limit_val_batches=0, accelerator="cpu")
-    trainer.fit(LitGPT(model, lr=1e-3, max_steps=3), data)
+    trainer.fit(LitTransformer(model, lr=1e-3, max_steps=3), data)
     assert throughput.metrics["perf/peak_mem_mb"] < process_peak - 200  # the 256 MiB are not this run's

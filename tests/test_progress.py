@@ -1,4 +1,4 @@
-"""The progress bar counts optimizer steps against max_steps (issue 15), across epochs."""
+"""The progress bar counts optimizer steps against max_steps, across epochs."""
 
 import pytorch_lightning as pl
 import torch
@@ -6,7 +6,7 @@ import torch
 from loralab.callbacks import StepProgressBar
 from loralab.data import TextDataModule
 from loralab.model import GPT, GPTConfig
-from loralab.module import LitGPT
+from loralab.module import LitTransformer
 
 
 def test_progress_is_shown_in_steps_of_max_steps_across_epochs(capsys):
@@ -18,7 +18,7 @@ def test_progress_is_shown_in_steps_of_max_steps_across_epochs(capsys):
     trainer = pl.Trainer(max_steps=epoch_batches + 3, logger=False, callbacks=[bar], enable_checkpointing=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                          accelerator="cpu")
-    trainer.fit(LitGPT(model, lr=1e-3, max_steps=trainer.max_steps), data)
+    trainer.fit(LitTransformer(model, lr=1e-3, max_steps=trainer.max_steps), data)
     assert trainer.current_epoch >= 1  # the run crossed an epoch boundary ...
     assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (trainer.max_steps, trainer.max_steps)
     out = capsys.readouterr().out  # Lightning writes its bars to stdout

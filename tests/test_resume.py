@@ -21,7 +21,7 @@ from loralab.data import ResumableLoader
 from loralab.files import write_json
 from loralab.lora import LoRAConfig, analytic_lora_parameters, inject_lora
 from loralab.model import GPT, GPTConfig
-from loralab.module import LitGPT
+from loralab.module import LitTransformer
 from loralab.resume import SweepDirError, jobs_to_run
 
 from conftest import ROOT, TINY, read_summary, run_train, user_env
@@ -60,7 +60,7 @@ CONFIG = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16
 def test_a_lora_checkpoint_holds_only_the_adapters():
     model = GPT(CONFIG)
     inject_lora(model, LoRAConfig(rank=2))
-    lit = LitGPT(model, lr=1e-2)
+    lit = LitTransformer(model, lr=1e-2)
     checkpoint = {"state_dict": lit.state_dict()}
     lit.on_save_checkpoint(checkpoint)
     assert set(checkpoint["state_dict"]) == {f"model.{n}" for n, _ in model.named_parameters() if "lora_" in n}
@@ -70,13 +70,13 @@ def test_a_lora_checkpoint_holds_only_the_adapters():
 def test_a_full_finetuning_checkpoint_restores_the_tied_head():
     """lm_head shares wte's tensor: it must come back trained, and still shared."""
     torch.manual_seed(0)
-    trained = LitGPT(GPT(CONFIG), lr=1e-2)
+    trained = LitTransformer(GPT(CONFIG), lr=1e-2)
     with torch.no_grad():
         trained.model.transformer.wte.weight.add_(1.0)
     checkpoint = {"state_dict": trained.state_dict()}
     trained.on_save_checkpoint(checkpoint)
     torch.manual_seed(0)
-    fresh = LitGPT(GPT(CONFIG), lr=1e-2)
+    fresh = LitTransformer(GPT(CONFIG), lr=1e-2)
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"])
     assert fresh.model.lm_head.weight is fresh.model.transformer.wte.weight

@@ -202,7 +202,7 @@ def test_optuna_search_records_failed_and_diverged_trials_and_goes_on(tmp_path, 
     """The settings of hparams_search=optuna over lr in {-1, 1e30, 3e-3}: lr=-1 fails the
     config check (the job raises), lr=1e30 diverges, and the search still ends with the good
     trial as its best. The seeded sampler draws all three in 6 trials (some twice); the sweep
-    exits 1 because a trial failed (issue 10's exit codes), having run every trial."""
+    exits 1 because a trial failed (loralab's exit codes), having run every trial."""
     (tmp_path / "conf" / "hparams_search").mkdir(parents=True)
     (tmp_path / "conf" / "hparams_search" / "failures.yaml").write_text(
         "# @package _global_\n"

@@ -89,8 +89,8 @@ def train_in_process(tmp_path: Path, base_cache: Path, overrides: list[str], log
 
 def test_val_loss_is_weighted_by_tokens_and_a_nan_batch_is_never_dropped():
     from loralab.model import GPT, GPTConfig
-    from loralab.module import LitGPT
-    module = LitGPT(GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8)), lr=1e-3)
+    from loralab.module import LitTransformer
+    module = LitTransformer(GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8)), lr=1e-3)
     module.val_loss.update(torch.tensor(1.0), weight=1)  # a batch of 1 token
     module.val_loss.update(torch.tensor(4.0), weight=3)  # a batch of 3 tokens
     assert module.val_loss.compute() == pytest.approx((1.0 + 4.0 * 3) / 4)
@@ -148,10 +148,9 @@ def test_full_finetuning_trains_every_weight_and_the_adapter_alone_reproduces_th
         lora["metrics"]["base/val_loss"] - lora["metrics"]["val/loss"])
     # test/loss: the whole test split; forget/loss: the whole held-out part of the base's own
     # corpus (python_stdlib); base/*: the base alone, before fine-tuning
-    from loralab.run import base_text_data
-
     untouched, _ = load_base(tiny_base_file(base_cache))
-    source = base_text_data(cfg, base.config.block_size)
+    source = TextDataModule(block_size=base.config.block_size, corpus=cfg.base.corpus, max_bytes=cfg.base.max_bytes,
+                            val_fraction=cfg.base.val_fraction, batch_size=cfg.base.batch_size)
     expected = {"test/loss": mean_loss(base, data.test_dataloader()),
                 "base/test_loss": mean_loss(untouched, data.test_dataloader()),
                 "forget/loss": mean_loss(base, source.val_dataloader()),

@@ -30,11 +30,12 @@ def test_parameter_count_by_formula():
 
 
 def test_throughput_counts_a_vit_batch_in_patches_not_pixels():
-    from loralab.callbacks import positions
     from loralab.model import GPT, GPTConfig
-    assert positions(ViT(CONFIG), images(4)) == 4 * (16 + 1)  # (8 / 2)² patches and the class token; 256 pixels
+    from loralab.model_kinds import kind_of
+    vit = ViT(CONFIG)
+    assert kind_of(vit).positions(vit, images(4)) == 4 * (16 + 1)  # (8 / 2)² patches and the class token; 256 pixels
     text = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
-    assert positions(text, torch.zeros(4, 16, dtype=torch.long)) == 4 * 16
+    assert kind_of(text).positions(text, torch.zeros(4, 16, dtype=torch.long)) == 4 * 16
 
 
 def test_attention_is_not_causal_the_class_token_sees_the_last_patch():

@@ -341,12 +341,12 @@ def log_to_wandb(sweep_dir: Path, adapters: list[Adapter], figures: list[str]) -
     import wandb
     from omegaconf import OmegaConf
 
-    from loralab.wandb_setup import wandb_mode
+    from loralab.wandb_setup import start_wandb
 
     logger = OmegaConf.load(sweep_dir / logged[0] / ".hydra" / "config.yaml").logger
     group = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.sweep.dir  # the runs' group, as loggers.py names it
-    run = wandb.init(project=logger.project, entity=logger.entity, group=Path(group).as_posix(), job_type="analysis",
-                     name="analysis", dir=sweep_dir, mode=wandb_mode(logger.mode))
+    run = start_wandb(logger.mode, project=logger.project, entity=logger.entity, group=Path(group).as_posix(),
+                      job_type="analysis", name="analysis", dir=sweep_dir)
     try:
         run.log({f"analysis/{name.removesuffix('.png')}": wandb.Image(str(sweep_dir / name)) for name in figures})
     finally:

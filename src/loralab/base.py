@@ -25,13 +25,13 @@ from safetensors.torch import load_model, save_model
 
 from loralab.files import atomic_path
 from loralab.model import GPT, GPTConfig
+from loralab.model_kinds import KINDS, build_model, kind_of
 from loralab.vit import ViT, ViTConfig
 
 log = logging.getLogger(__name__)
 
-
-# the metadata key a base file stores its config under -> (model, config) classes
-ARCHITECTURES = {"gpt_config": (GPT, GPTConfig), "vit_config": (ViT, ViTConfig)}
+# the metadata key a base file stores its config under -> its model kind
+CONFIG_KEYS = {kind.metadata_key: kind for kind in KINDS.values()}
 
 
 class BaseError(ValueError):
@@ -65,9 +65,9 @@ def save_base(model: GPT | ViT, path: str | Path) -> str:
     """Weights, config (GPTConfig or ViTConfig) and the weights' SHA-256 in one safetensors
     file, written atomically; returns the hash."""
     sha256 = weights_sha256(model)
-    config_key = "vit_config" if isinstance(model, ViT) else "gpt_config"
+    metadata = {kind_of(model).metadata_key: json.dumps(asdict(model.config)), "sha256": sha256}
     with atomic_path(path) as tmp:
-        save_model(model, str(tmp), metadata={config_key: json.dumps(asdict(model.config)), "sha256": sha256})
+        save_model(model, str(tmp), metadata=metadata)
     return sha256
 
 
@@ -79,19 +79,15 @@ def read_base_metadata(path: str | Path) -> dict[str, str]:
             metadata = f.metadata() or {}
     except Exception as e:  # a truncated or overwritten file: safetensors cannot read its header
         raise BaseError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-    if not metadata.keys() & ARCHITECTURES.keys():
+    if not metadata.keys() & CONFIG_KEYS.keys():
         raise BaseError(f"{path} is not a loralab base checkpoint (no model config in its metadata)")
     return metadata
 
 
 def config_of_base(metadata: dict[str, str]) -> GPTConfig | ViTConfig:
     """The model config a base file's metadata holds."""
-    (key,) = metadata.keys() & ARCHITECTURES.keys()
-    return ARCHITECTURES[key][1](**json.loads(metadata[key]))
-
-
-def build_model(config: GPTConfig | ViTConfig) -> GPT | ViT:
-    return ViT(config) if isinstance(config, ViTConfig) else GPT(config)
+    (key,) = metadata.keys() & CONFIG_KEYS.keys()
+    return CONFIG_KEYS[key].config_class(**json.loads(metadata[key]))
 
 
 def load_base(path: str | Path) -> tuple[GPT | ViT, str]:

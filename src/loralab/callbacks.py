@@ -1,6 +1,6 @@
 """Callbacks that measure a run: parameter counts, throughput, the merge check, history.
 
-Each keeps what it measured in ``metrics`` (named as in the design notes) so that
+Each keeps what it measured in ``metrics`` (the metric names of summary.json, W&B and the report) so that
 the run's ``summary.json`` and the loggers see the same numbers.
 """
 
@@ -16,7 +16,7 @@ from pytorch_lightning.callbacks.progress.tqdm_progress import _update_n
 
 from loralab.lora import analytic_lora_parameters, count_parameters, lora_layers, merge_lora
 from loralab.memory import peak_memory_mb, reset_peak_memory
-from loralab.vit import ViT
+from loralab.model_kinds import kind_of
 
 
 def log_to_loggers(trainer: pl.Trainer, metrics: dict) -> None:
@@ -40,17 +40,10 @@ class ParameterCount(pl.Callback):
             log_to_loggers(trainer, self.metrics)
 
 
-def positions(model: torch.nn.Module, inputs: torch.Tensor) -> int:
-    """The positions a step's batch runs through the transformer: B·T tokens of text, or for
-    a ViT B·(patches + the class token) per batch of images (not its pixels)."""
-    if isinstance(model, ViT):
-        return inputs.shape[0] * (model.config.n_patches + 1)
-    return inputs.numel()
-
-
 class Throughput(pl.Callback):
-    """perf/step_s and perf/tokens_per_s (positions, see ``positions``) per training step (averaged over the run in
-    ``metrics``, the first step left out as warm-up), and perf/peak_mem_mb."""
+    """perf/step_s and perf/tokens_per_s (positions, see ``ModelKind.positions``) per training
+    step (averaged over the run in ``metrics``, the first step left out as warm-up), and
+    perf/peak_mem_mb."""
 
     def __init__(self):
         self.metrics: dict = {}
@@ -65,7 +58,8 @@ class Throughput(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step_s = time.perf_counter() - self.start
-        tokens = positions(pl_module.model, batch[0]) * trainer.world_size
+        model = pl_module.model
+        tokens = kind_of(model).positions(model, batch[0]) * trainer.world_size
         self.step_times.append(step_s)
         if len(self.step_times) > 1:
             self.tokens += tokens

@@ -3,7 +3,7 @@
 Each run (and each pretraining of a base) keeps ``last.ckpt`` in its checkpoint
 directory, refreshed every ``checkpoint.every_n_steps`` optimizer steps by Lightning's
 ``ModelCheckpoint``. It holds what training needs to go on exactly as if it had never
-stopped: the trainable weights (``LitGPT`` leaves the frozen base out), the optimizer
+stopped: the trainable weights (``LitTransformer`` leaves the frozen base out), the optimizer
 and scheduler state, the RNG states, the fit loop's progress and the data position
 (``loralab.data.ResumableLoader``), and the loss history.
 

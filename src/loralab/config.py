@@ -22,14 +22,14 @@ import torch
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.base import BaseError, build_model, config_of_base, read_base_metadata
+from loralab.base import BaseError, config_of_base, read_base_metadata
 from loralab.data import CORPORA, ByteTokenizer, corpus_splits, read_text_file, tokenizer_of
 from loralab.gpt2 import WEIGHTS, read_gpt2_config
 from loralab.hardware import available_accelerators, device_kind, precision_problem, unified_precision
 from loralab.lora import LoRAConfig, inject_lora
 from loralab.model import GPTConfig
+from loralab.model_kinds import KINDS, build_model
 from loralab.schema import TrainConfig
-from loralab.vision_data import DIGIT_CORPORA
 from loralab.vit import ViTConfig
 
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
@@ -101,7 +101,7 @@ def validate(cfg: DictConfig) -> None:
         base_config = check_model_and_lora(cfg, problems, skip={where for _, where in unknown})
         tokenizer = None if base_config is None else problems.build(  # a GPT-2 tokenizer needs `tokenizers`
             "model.pretrained", lambda: tokenizer_of(cfg.model.pretrained))
-        corpora = tuple(DIGIT_CORPORA) if cfg.model.kind == "vit" else CORPORA
+        corpora = KINDS.get(cfg.model.kind, KINDS["gpt"]).corpora()  # a bad kind is reported above
         text_config = base_config if isinstance(base_config, GPTConfig) else None  # images need no block check
         check_data(cfg.data, "data", problems, text_config, tokenizer, corpora)
         pretrains = not cfg.model.pretrained and not cfg.base.checkpoint
@@ -315,10 +315,9 @@ def check_hardware(trainer: DictConfig, problems: Problems) -> None:
 
 def model_config_of(model_cfg: DictConfig) -> GPTConfig | ViTConfig:
     """The GPTConfig (``kind=gpt``) or ViTConfig (``kind=vit``) the model section describes."""
-    kinds = {"gpt": GPTConfig, "vit": ViTConfig}
-    if model_cfg.kind not in kinds:
-        raise ValueError(f"model.kind={model_cfg.kind!r} is invalid: expected one of {list(kinds)}")
-    config_class = kinds[model_cfg.kind]
+    if model_cfg.kind not in KINDS:
+        raise ValueError(f"model.kind={model_cfg.kind!r} is invalid: expected one of {list(KINDS)}")
+    config_class = KINDS[model_cfg.kind].config_class
     return config_class(**{f.name: model_cfg[f.name] for f in dataclasses.fields(config_class)})
 
 

@@ -31,7 +31,7 @@ def silence_known_noise() -> None:
     # torch >= 2.10 deprecates LeafSpec; Lightning's own pytree helper still builds one per batch
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"pytorch_lightning\.utilities\._pytree")
-    # loralab's LitGPT returns None on purpose from a diverged step: the optimizer must not step
+    # loralab's LitTransformer returns None on purpose from a diverged step: the optimizer must not step
     warnings.filterwarnings("ignore", message=r"`training_step` returned `None`", category=UserWarning,
                             module=r"pytorch_lightning\.loops\.optimization\.automatic")
     lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")

@@ -229,24 +229,20 @@ class ResumableLoader(DataLoader):
                 pass
 
 
-class TextDataModule(pl.LightningDataModule):
-    """Train, validation and test windows of one corpus; shuffling is seeded, the held-out splits fixed.
-    ``test_set`` is None when the corpus holds out no test part (``test_fraction=0``, a base's corpus)."""
+class SeededDataModule(pl.LightningDataModule):
+    """The loaders of every run's data: training shuffled by a seeded generator that resumes
+    mid-epoch, the held-out splits fixed. A subclass sets ``train_set``, ``val_set``,
+    ``test_set`` (None when nothing is held out to test on), ``batch_size``, ``seed``,
+    ``block_size`` (positions per example, for val/tokens) and ``fingerprint`` (a hash of
+    the data, part of the base cache's key)."""
 
-    def __init__(self, corpus: str, block_size: int, batch_size: int = 16, val_fraction: float = 0.1,
-                 test_fraction: float = 0.0, max_bytes: int | None = None, train_path: str | None = None,
-                 val_path: str | None = None, test_path: str | None = None, tokenizer=None, seed: int = 0):
-        super().__init__()
-        self.tokenizer = tokenizer or ByteTokenizer()
-        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
-        splits = corpus_splits(corpus, max_bytes, val_fraction, test_fraction, train_path, val_path, test_path)
-        self.fingerprint = digest(splits.train, splits.val)
-        self.train_set = TokenWindows(self.encode(splits.train), block_size)
-        self.val_set = TokenWindows(self.encode(splits.val), block_size)
-        self.test_set = TokenWindows(self.encode(splits.test), block_size) if splits.test else None
-
-    def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+    train_set: Dataset
+    val_set: Dataset
+    test_set: Dataset | None
+    batch_size: int
+    seed: int
+    block_size: int
+    fingerprint: str
 
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None and self.trainer.world_size > 1:
@@ -267,3 +263,23 @@ class TextDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=self.batch_size)
+
+
+class TextDataModule(SeededDataModule):
+    """Train, validation and test windows of one corpus. ``test_set`` is None when the corpus
+    holds out no test part (``test_fraction=0``, a base's corpus)."""
+
+    def __init__(self, corpus: str, block_size: int, batch_size: int = 16, val_fraction: float = 0.1,
+                 test_fraction: float = 0.0, max_bytes: int | None = None, train_path: str | None = None,
+                 val_path: str | None = None, test_path: str | None = None, tokenizer=None, seed: int = 0):
+        super().__init__()
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        splits = corpus_splits(corpus, max_bytes, val_fraction, test_fraction, train_path, val_path, test_path)
+        self.fingerprint = digest(splits.train, splits.val)
+        self.train_set = TokenWindows(self.encode(splits.train), block_size)
+        self.val_set = TokenWindows(self.encode(splits.val), block_size)
+        self.test_set = TokenWindows(self.encode(splits.test), block_size) if splits.test else None
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer.encode(text), dtype=torch.long)

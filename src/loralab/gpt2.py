@@ -31,8 +31,8 @@ WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.b
 HF_NAME = {"attn.q_proj": "attn.c_attn", "attn.k_proj": "attn.c_attn", "attn.v_proj": "attn.c_attn",
            "attn.o_proj": "attn.c_proj", "mlp.fc_in": "mlp.c_fc", "mlp.fc_out": "mlp.c_proj"}
 QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")  # c_attn's output rows, in this order
-OURS = {hf: ours for ours, hf in HF_NAME.items() if ours not in QKV}  # the one-to-one Conv1Ds
-CONV1D = ("attn.c_attn", *OURS)
+OUR_NAME = {hf: ours for ours, hf in HF_NAME.items() if ours not in QKV}  # the Conv1Ds that are one Linear of ours
+CONV1D = ("attn.c_attn", *OUR_NAME)
 
 # GPT2Config's defaults, which a config.json may leave out
 GPT2_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
@@ -129,7 +129,7 @@ def _from_hf(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for name, part in zip(QKV, value.chunk(3, dim=0)):
                 ours[f"{block}.{name}.{param}"] = part.contiguous()
         else:
-            ours[f"{block}.{OURS[module]}.{param}"] = value.contiguous()
+            ours[f"{block}.{OUR_NAME[module]}.{param}"] = value.contiguous()
     return ours
 
 

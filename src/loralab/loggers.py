@@ -22,7 +22,7 @@ from loralab.distributed import is_rank_zero
 from loralab.files import write_atomic
 from loralab.overrides import declared_sweep, param_keys, sweep_label, without_resume
 from loralab.provenance import provenance
-from loralab.wandb_setup import wandb_mode
+from loralab.wandb_setup import start_wandb
 
 
 @dataclass
@@ -96,7 +96,6 @@ def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str, checkpoin
     if kind == "wandb" and not is_rank_zero():
         return None  # one W&B run per job: the other DDP ranks log nothing
     if kind == "wandb":
-        import wandb
         from pytorch_lightning.loggers import WandbLogger
         config = {**flatten(OmegaConf.to_container(cfg, resolve=True)), "setting_id": identity.setting_id,
                   **flatten(provenance(cfg.trainer), "provenance.")}
@@ -105,10 +104,9 @@ def make_logger(cfg: DictConfig, identity: RunIdentity, job_type: str, checkpoin
         # every run; quiet: no run history and summary on the console (loralab prints its own line).
         # Starting now also records a failure from here on in the run. The run id is kept beside
         # the checkpoints, so a resumed run continues the same W&B run.
-        run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=name, group=identity.group,
-                         job_type=job_type, dir=save_dir, mode=wandb_mode(cfg.logger.mode), config=config,
-                         id=wandb_run_id(Path(checkpoint_dir) / WANDB_RUN_ID), resume="allow",
-                         settings=wandb.Settings(quiet=True))
+        run = start_wandb(cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.entity, name=name,
+                          group=identity.group, job_type=job_type, dir=save_dir, config=config,
+                          id=wandb_run_id(Path(checkpoint_dir) / WANDB_RUN_ID), resume="allow")
         return WandbLogger(experiment=run, save_dir=save_dir)
     return None
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KVCache = list  # per layer: (k, v), each (B, nh, T_past, hs)
+# the keys and values of earlier tokens, one (k, v) per layer, each (B, nh, T_past, hs)
+KeyValueCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -132,7 +133,7 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KeyValueCache | None = None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy when
         ``targets`` (B, T) are given (index -1 is ignored). With ``cache`` (a list, empty
         at first), keys and values of earlier calls are reused and extended in place."""
@@ -160,7 +161,7 @@ class GPT(nn.Module):
         With ``use_cache`` each step feeds only the newest token; once the context
         outgrows ``block_size`` it is cropped and the cache rebuilt from the crop.
         """
-        cache: KVCache | None = None
+        cache: KeyValueCache | None = None
         for _ in range(max_new_tokens):
             if cache and idx.size(1) <= self.config.block_size:
                 logits, _ = self(idx[:, -1:], cache=cache)  # only the newest token is new

@@ -1,5 +1,5 @@
-"""The LightningModule: next-token training of a GPT's trainable parameters (or image
-classification with a ViT's)."""
+"""The LightningModule: trains a model's trainable parameters, next-token prediction for a
+GPT, image classification for a ViT."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from loralab.model import GPT
+from loralab.model_kinds import kind_of
 from loralab.schedule import warmup_cosine
 from loralab.variants import lora_plus_param_groups
 from loralab.vit import ViT
 
 
-class LitGPT(pl.LightningModule):
-    """Trains whatever in ``model`` requires grad: the LoRA adapters, or every weight
-    for full fine-tuning. A non-finite training loss stops the run as diverged."""
+class LitTransformer(pl.LightningModule):
+    """Trains whatever in ``model`` (any of loralab's transformers, see ``model_kinds``) requires
+    grad: the LoRA adapters, or every weight for full fine-tuning and pretraining. A non-finite
+    training loss stops the run as diverged."""
 
     def __init__(self, model: GPT | ViT, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
                  warmup_steps: int = 0, min_lr_ratio: float = 0.1, max_steps: int = 1, lora_plus_ratio: float = 1.0):
@@ -28,7 +30,7 @@ class LitGPT(pl.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.lora_plus_ratio = lora_plus_ratio
         self.schedule = warmup_cosine(warmup_steps, max_steps, min_lr_ratio)
-        n_classes = model.config.n_classes if isinstance(model, ViT) else model.config.vocab_size
+        n_classes = kind_of(model).n_classes(model)
         # a NaN batch makes val/loss inf, never dropped ("disable" would also drop the weights)
         self.val_loss = MeanMetric(nan_strategy=math.inf)
         self.val_ppl = Perplexity(ignore_index=-1)

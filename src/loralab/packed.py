@@ -31,7 +31,7 @@ PACKABLE_LORA = {"rank", "alpha", "dropout", "target_modules", "scaling", "init"
 
 @dataclass
 class JobSpec:
-    """One job of a pack: its adapter and how it trains (``LitGPT``'s optimizer and schedule,
+    """One job of a pack: its adapter and how it trains (``LitTransformer``'s optimizer and schedule,
     Lightning's ``gradient_clip_val``)."""
 
     lora: LoRAConfig
@@ -141,7 +141,7 @@ class Pack(nn.Module):
     def train_step(self, batches: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step of every job in ``batches`` on its own batch (x, y), each (B, T).
         Returns each job's loss; a non-finite one means the job diverged: its step is skipped
-        (as ``LitGPT`` skips it) and its caller takes it out of the pack."""
+        (as ``LitTransformer`` skips it) and its caller takes it out of the pack."""
         names = list(batches)
         x = torch.cat([batches[n][0] for n in names])  # (K·B, T)
         self.model.train()
@@ -163,7 +163,7 @@ class Pack(nn.Module):
     @torch.no_grad()
     def evaluate(self, names: list[str], batches) -> dict[str, dict[str, float]]:
         """val/loss, val/ppl and val/acc of each job in ``names`` over ``batches`` of (x, y), the
-        same batches for every job, as ``LitGPT`` computes them: the mean token loss (inf once a
+        same batches for every job, as ``LitTransformer`` computes them: the mean token loss (inf once a
         batch is NaN), its exponential, and the share of tokens whose most likely next token is
         the target (targets of -1 are ignored)."""
         self.model.eval()

@@ -19,7 +19,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loralab.gpt2 import CONV1D, HF_NAME, OURS, QKV, in_block
+from loralab.gpt2 import CONV1D, HF_NAME, OUR_NAME, QKV, in_block
 from loralab.lora import LoRAConfig, LoRALinear, find_targets, lora_layers
 from loralab.model import GPT
 from loralab.quant import quantization
@@ -113,7 +113,7 @@ def _our_modules(hf_name: str) -> list[str]:
     if module not in CONV1D:
         raise ValueError(f"a LoRA on {hf_name!r} cannot be imported: loralab maps only GPT-2's block modules "
                          f"{list(CONV1D)}")
-    return [f"{block}.{name}" for name in (QKV if module == "attn.c_attn" else [OURS[module]])]
+    return [f"{block}.{name}" for name in (QKV if module == "attn.c_attn" else [OUR_NAME[module]])]
 
 
 def _qkv_order(name: str) -> int:

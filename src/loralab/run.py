@@ -1,4 +1,4 @@
-"""One run, composed from a config: the flow of the design notes, top to bottom.
+"""One run, composed from a config, top to bottom:
 
     config ─► validate ─► base model (load, or pretrain once and cache) ─► seed ─►
     data ─► inject LoRA ─► Trainer.fit ─► evaluate ─► adapter + summary.json ─►
@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from loralab.adapters import save_adapter
-from loralab.base import BaseIdentity, build_model, cached_base, load_base, weights_sha256
+from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
 from loralab.callbacks import (
     AdapterAnalysis,
     History,
@@ -41,16 +41,16 @@ from loralab.checkpoints import (
 )
 from loralab.config import ConfigError, lora_config_of, model_config_of, validate
 from loralab.console import silence_known_noise
-from loralab.data import TextDataModule, tokenizer_of
+from loralab.data import SeededDataModule, tokenizer_of
 from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, run_only_this_job
 from loralab.files import write_json
 from loralab.gpt2 import load_gpt2
 from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
 from loralab.lora import inject_lora
 from loralab.model import GPT
-from loralab.module import LitGPT
+from loralab.model_kinds import KINDS, build_model, kind_of, replace_head
+from loralab.module import LitTransformer
 from loralab.provenance import provenance
-from loralab.vision_data import DigitsDataModule
 from loralab.vit import ViT
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,10 @@ def train(cfg: DictConfig) -> float:
         model, base = base_model(cfg, identity)
         summary["base"] = base.to_dict()
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        if isinstance(model, ViT):
-            data = DigitsDataModule(cfg.data.corpus, cfg.data.batch_size, cfg.data.val_fraction,
-                                    cfg.data.test_fraction, cfg.seed)
-            ViT._init_weights(model.head)  # the base's head classified other digits: a new one, from this seed
-        else:
-            data = TextDataModule(block_size=model.config.block_size, seed=cfg.seed,
-                                  tokenizer=tokenizer_of(cfg.model.pretrained), **cfg.data)
+        kind = kind_of(model)
+        data = kind.data_module(cfg.data, cfg.seed, model.config, tokenizer_of(cfg.model.pretrained))
+        if kind.new_head:  # the base's head classified other classes: a new one, from this seed
+            replace_head(model)
         held_out = {"test": data.test_dataloader(), **source_held_out(cfg, model)}
         lora_config = lora_config_of(cfg.lora)
         if lora_config is not None:
@@ -119,11 +116,8 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
     if cfg.base.checkpoint:
         model, sha256 = load_base(cfg.base.checkpoint)
         return model, BaseIdentity("checkpoint", str(Path(cfg.base.checkpoint).resolve()), sha256)
-    if cfg.model.kind == "vit":
-        data = DigitsDataModule(cfg.base.corpus, cfg.base.batch_size, cfg.base.val_fraction, seed=cfg.base.seed)
-    else:
-        data = base_text_data(cfg, cfg.model.block_size)
     model_config = model_config_of(cfg.model)
+    data = KINDS[cfg.model.kind].data_module(cfg.base, cfg.base.seed, model_config)
 
     def pretrain(checkpoint_dir: Path) -> GPT | ViT:
         unreadable = discard_unreadable_checkpoint(checkpoint_dir)
@@ -140,23 +134,18 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
     return cached_base(model_config, cfg.base, data.fingerprint, to_absolute_path(cfg.paths.cache_dir), pretrain)
 
 
-def base_text_data(cfg: DictConfig, block_size: int) -> TextDataModule:
-    """The base's pretraining corpus (``base.corpus``), split as its pretraining split it."""
-    return TextDataModule(block_size=block_size, seed=cfg.base.seed, corpus=cfg.base.corpus,
-                          max_bytes=cfg.base.max_bytes, val_fraction=cfg.base.val_fraction,
-                          batch_size=cfg.base.batch_size)
-
-
 def source_held_out(cfg: DictConfig, model: GPT | ViT) -> dict[str, DataLoader]:
     """{"forget": the held-out part of the corpus the base was pretrained on}, where forgetting
     is measured (Biderman et al. 2024, "LoRA Learns Less and Forgets Less", §4); {} for a
-    GPT-2 base (pretrained on text we do not hold) and a ViT (its source classes' head is replaced)."""
-    if cfg.model.pretrained or isinstance(model, ViT):
+    GPT-2 base (pretrained on text we do not hold) and a model whose head fine-tuning replaces
+    (a ViT: the head for its source classes is gone)."""
+    kind = kind_of(model)
+    if cfg.model.pretrained or kind.new_head:
         return {}
-    return {"forget": base_text_data(cfg, model.config.block_size).val_dataloader()}
+    return {"forget": kind.data_module(cfg.base, cfg.base.seed, model.config).val_dataloader()}
 
 
-def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity, job_type: str,
+def fit(cfg: DictConfig, model: GPT | ViT, data: SeededDataModule, identity: RunIdentity, job_type: str,
         optim, checkpoint_dir: Path, resume: bool, max_steps: int | None = None,
         held_out: dict[str, DataLoader] | None = None) -> dict:
     """Train ``model``'s trainable parameters; validate before and after, and evaluate each
@@ -172,7 +161,7 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(job_type))
     resume_from = last_checkpoint(checkpoint_dir) if resume else None
-    module = LitGPT(model, max_steps=max_steps, **optim)
+    module = LitTransformer(model, max_steps=max_steps, **optim)
     resumed_at = checkpoint_step(resume_from) if resume_from else None
     logger = make_logger(cfg, identity, job_type, checkpoint_dir, resumed_at)
     trainer_args = {**cfg.trainer, "max_steps": max_steps}
@@ -213,7 +202,7 @@ def fit(cfg: DictConfig, model: GPT, data: TextDataModule, identity: RunIdentity
         finish_logger(logger, failed=status == "failed")
 
 
-def evaluate(trainer: pl.Trainer, module: LitGPT, data: TextDataModule, log: bool = True) -> dict:
+def evaluate(trainer: pl.Trainer, module: LitTransformer, data: SeededDataModule, log: bool = True) -> dict:
     """val/ metrics on the whole held-out split; validation during training sees only
     ``trainer.limit_val_batches`` of it, for speed."""
     subsample, trainer.limit_val_batches = trainer.limit_val_batches, 1.0
@@ -224,13 +213,13 @@ def evaluate(trainer: pl.Trainer, module: LitGPT, data: TextDataModule, log: boo
         trainer.limit_val_batches, trainer.loggers = subsample, loggers
 
 
-def evaluate_held_out(trainer: pl.Trainer, module: LitGPT, held_out: dict[str, DataLoader]) -> dict[str, float]:
+def evaluate_held_out(trainer: pl.Trainer, module: LitTransformer, held_out: dict[str, DataLoader]) -> dict[str, float]:
     """The model's loss on each named held-out split, whole. Before training this is the base's
     evaluation, the same for every job on one base."""
     return {split: held_out_loss(trainer, module, loader) for split, loader in held_out.items()}
 
 
-def held_out_loss(trainer: pl.Trainer, module: LitGPT, loader: DataLoader) -> float:
+def held_out_loss(trainer: pl.Trainer, module: LitTransformer, loader: DataLoader) -> float:
     """Mean loss over the whole of ``loader``; kept from the loggers, which get it by its own name."""
     loggers, trainer.loggers = trainer.loggers, []
     try:

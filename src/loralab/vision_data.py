@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import TensorDataset
 
-from loralab.data import TextDataModule
+from loralab.data import SeededDataModule
 
 DIGIT_CORPORA = {"digits_0_4": (0, 1, 2, 3, 4), "digits_5_9": (5, 6, 7, 8, 9)}
 SPLIT_SEED = 0  # the train/val split is the same for every run seed: seeds vary training only
@@ -31,9 +30,9 @@ def digits(classes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-class DigitsDataModule(pl.LightningDataModule):
-    """Train, validation and test images of one class split; shuffling is seeded, the split
-    fixed. ``test_set`` is None with ``test_fraction=0`` (a base's digits)."""
+class DigitsDataModule(SeededDataModule):
+    """Train, validation and test images of one class split; the split is fixed.
+    ``test_set`` is None with ``test_fraction=0`` (a base's digits)."""
 
     block_size = 1  # one example per image: val/tokens counts images
 
@@ -53,9 +52,3 @@ class DigitsDataModule(pl.LightningDataModule):
         self.test_set = TensorDataset(images[test], labels[test]) if n_test else None
         self.fingerprint = hashlib.sha256(images[train].numpy().tobytes() + labels[train].numpy().tobytes()
                                           ).hexdigest()[:16]
-
-    # the same loaders as the text's: seeded shuffling that resumes mid-epoch, a fixed validation
-    train_dataloader = TextDataModule.train_dataloader
-    training_progress = TextDataModule.training_progress
-    val_dataloader = TextDataModule.val_dataloader
-    test_dataloader = TextDataModule.test_dataloader
