@@ -61,3 +61,27 @@ def test_base_checkpoint_roundtrip_keeps_weights_config_and_tying(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(BaseError, match="not a loralab base checkpoint"):
         load_base(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_base_and_adapter_files_get_the_users_umask(tmp_path, umask):
+    """A group-shared cache needs group-readable files: safetensors alone writes 0600."""
+    import os
+    import stat
+
+    from loralab.adapters import save_adapter
+    from loralab.lora import LoRAConfig, inject_lora
+
+    model = GPT(GPTConfig(vocab_size=96, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    previous = os.umask(umask)
+    try:
+        save_base(model, tmp_path / "base.safetensors")
+        config = LoRAConfig(rank=2)
+        inject_lora(model, config)
+        save_adapter(model, config, tmp_path / "adapter")
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask  # what open() gives a new file under this umask
+    for path in (tmp_path / "base.safetensors", tmp_path / "adapter" / "adapter.safetensors",
+                 tmp_path / "adapter" / "adapter_config.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path

@@ -5,8 +5,7 @@ import subprocess
 import sys
 
 CORE = ["loralab.lora", "loralab.lora_config", "loralab.variants", "loralab.adapters", "loralab.surgery",
-        "loralab.model", "loralab.vit", "loralab.quant",
-        "loralab.analysis", "loralab.schedule"]
+        "loralab.model", "loralab.vit", "loralab.quant", "loralab.analysis", "loralab.schedule"]
 FRAMEWORK = ["pytorch_lightning", "lightning", "lightning_fabric", "hydra", "omegaconf", "wandb", "torchmetrics"]
 
 

@@ -5,7 +5,7 @@ import torch
 
 from loralab.callbacks import MergeCheck
 from loralab.data import TextDataModule
-from loralab.lora import LoRAConfig, inject_lora, merge_lora, unmerge_lora
+from loralab.lora import LoRAConfig, inject_lora
 from loralab.model import GPT, GPTConfig
 from loralab.module import LitTransformer
 
@@ -29,13 +29,8 @@ def test_merge_check_leaves_the_weights_bit_identical():
                          limit_val_batches=1, accelerator="cpu")
     trainer.fit(LitTransformer(model, lr=1e-2, max_steps=2), data)
 
-    assert check.metrics["lora/merge_ok"] and 0 < check.metrics["lora/merge_max_abs_diff"] < 1e-4
+    assert check.metrics["lora/merge_ok"] and 0 <= check.metrics["lora/merge_max_abs_diff"] < 1e-4
     after = model.state_dict()
     assert after.keys() == snapshot.weights.keys()
     assert all(torch.equal(after[k], snapshot.weights[k]) for k in after)
 
-    # the old check (merge and unmerge the live model) fails that comparison: W + ΔW - ΔW != W in float32
-    merge_lora(model)
-    unmerge_lora(model)
-    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, snapshot.weights[k])]
-    assert changed and all(k.endswith(".weight") for k in changed)

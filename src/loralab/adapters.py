@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from loralab.files import atomic_path
 from loralab.lora import (
     DEFAULT_ADAPTER,
     FROZEN,
@@ -160,7 +161,8 @@ def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, ba
     directory.mkdir(parents=True, exist_ok=True)
     weights = {**lora_state_dict(model), **_saved_state_dict(model, config)}
     tensors = {k: v.contiguous().cpu() for k, v in weights.items()}
-    save_file(tensors, directory / ADAPTER_WEIGHTS)
+    with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, tmp)
     meta = {"lora": asdict(config), "adapted_modules": sorted(lora_layers(model))}
     if base is not None:
         meta["base"] = base

@@ -14,14 +14,23 @@ from pathlib import Path
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path to write to; it becomes ``path`` when the block ends without error.
-    The temporary name is the writer's own, so concurrent writers never mix their bytes."""
+    The temporary name is the writer's own, so concurrent writers never mix their bytes. The
+    file gets the permissions the user's umask gives a new file (safetensors writes 0600,
+    which would lock the group out of a shared cache)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # reading it means setting it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str | Path, content: bytes) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from loralab.files import atomic_path
 from loralab.lora import lora_layers, merge_and_unload
 from loralab.model import GPT, GPTConfig
 from loralab.quant import quantization, quantized_layers
@@ -202,6 +203,7 @@ def save_merged_gpt2(model: GPT, directory: str | Path, dequantize: bool = False
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in gpt2_state_dict(merged).items()}
-    save_file(tensors, directory / WEIGHTS[0], metadata={"format": "pt"})
+    with atomic_path(directory / WEIGHTS[0]) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     (directory / CONFIG).write_text(json.dumps(gpt2_config(model.config), indent=2) + "\n")
     return directory

@@ -19,6 +19,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from loralab.files import atomic_path
 from loralab.gpt2 import CONV1D, HF_NAME, OUR_NAME, QKV, in_block
 from loralab.lora import LoRAConfig, LoRALinear, find_targets, lora_layers
 from loralab.model import GPT
@@ -88,8 +89,9 @@ def export_peft_adapter(model: GPT, lora_config: LoRAConfig, directory: str | Pa
     layout = {"lora": asdict(lora_config), "modules": modules}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, directory / PEFT_WEIGHTS,
-              metadata={"format": "pt", METADATA_KEY: json.dumps(layout)})
+    with atomic_path(directory / PEFT_WEIGHTS) as tmp:
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"format": "pt", METADATA_KEY: json.dumps(layout)})
     if lora_config.init == "pissa":  # exported as the rank-2r LoRA on the original base (_peft_factors)
         factor = 2 if lora_config.scaling == "standard" else math.sqrt(2)
         lora_config = replace(lora_config, rank=2 * lora_config.rank, alpha=lora_config.alpha * factor, init="kaiming")
