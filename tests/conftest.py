@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -73,7 +72,11 @@ def run_train(args: list[str], cwd: Path, check: bool = True) -> subprocess.Comp
 
 
 def read_summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+    from loralab.layout import read_summary
+
+    summary = read_summary(run_dir)
+    assert summary is not None, f"{run_dir} holds no summary"
+    return summary
 
 
 def tiny_hf_gpt2(seed: int = 0, **config):

@@ -1,12 +1,10 @@
 """Every named experiment in conf/experiment/ composes for each of its sweep points, passes
 validation at its real size, and runs for a couple of steps."""
 
-import itertools
-
 import pytest
-from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from loralab.config import validate
+from loralab.jobs import expand, sweep_arguments
 
 from conftest import ROOT, TINY, compose
 
@@ -14,16 +12,14 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 
 
 def sweep_points(experiment: str) -> list[list[str]]:
-    """The jobs ``python train.py -m experiment=NAME`` launches, as lists of overrides."""
+    """The jobs ``python train.py -m experiment=NAME`` launches, as lists of overrides, expanded
+    by the sweeper's own code."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
-    parser = OverridesParser.create()
-    axes = [[f"{key}={value}" for value in parser.parse_override(f"{key}={values}").sweep_string_iterator()]
-            for key, values in cfg.hydra.sweeper.params.items()]
-    return [list(point) for point in itertools.product(*axes)]
+    return expand(sweep_arguments(cfg.hydra.sweeper.params, []))
 
 
 def test_there_are_experiments():

@@ -3,8 +3,9 @@
 import pytest
 from omegaconf import OmegaConf
 
+from loralab.layout import declared_sweep
 from loralab.loggers import flatten
-from loralab.overrides import declared_sweep, sweep_label
+from loralab.overrides import sweep_label
 from loralab.wandb_setup import wandb_mode
 
 

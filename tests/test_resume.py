@@ -15,10 +15,11 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from hydra_plugins.loralab_sweeper import contiguous_batches
 from loralab.base import load_base
 from loralab.data import ResumableLoader
+from loralab.exits import EXIT_CONFIG
 from loralab.files import write_json
+from loralab.jobs import contiguous_batches
 from loralab.lora import LoRAConfig, analytic_lora_parameters, inject_lora
 from loralab.model import GPT, GPTConfig
 from loralab.module import LitTransformer
@@ -222,7 +223,7 @@ def test_a_killed_sweep_is_refused_then_resumed_without_touching_finished_jobs(t
     before = tree_bytes(sweep)
 
     refused = run_train(args, cwd=tmp_path, check=False)
-    assert refused.returncode != 0
+    assert refused.returncode == EXIT_CONFIG  # refused before any job ran
     assert f"{sweep} already holds the results of 2 job(s): rerun with resume=true" in refused.stderr
     assert tree_bytes(sweep) == before
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from hydra_plugins.loralab_sweeper import without_redundant_jobs
+from loralab.exits import EXIT_CONFIG
+from loralab.jobs import without_redundant_jobs
 
 from conftest import TINY, run_train
 
@@ -26,6 +27,6 @@ def test_a_bad_job_stops_the_sweep_before_any_job_runs(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_train(["-m", "lora.rank=2,0", *TINY, "logger=none", f"paths.cache_dir={tmp_path / 'cache'}",
                         f"hydra.sweep.dir={sweep}"], cwd=tmp_path, check=False)
-    assert result.returncode != 0
+    assert result.returncode == EXIT_CONFIG
     assert "job [lora.rank=0]: lora: LoRA rank=0 is invalid: expected a positive integer" in result.stderr
     assert not (sweep / "0").exists() and not (tmp_path / "cache").exists()  # job 0 never started, nothing pretrained

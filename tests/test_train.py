@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from loralab.config import ConfigError, validate
+from loralab.exits import EXIT_CONFIG
 
 from conftest import TINY, compose, run_train
 from conftest import read_summary as summary
@@ -271,7 +272,7 @@ def test_all_problems_are_reported_at_once(tmp_path):
 @pytest.mark.slow
 def test_bad_config_is_one_line_not_a_traceback(tmp_path):
     result = run_train(["lora.rank=-3", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
-    assert result.returncode != 0
+    assert result.returncode == EXIT_CONFIG
     assert "LoRA rank=-3 is invalid: expected a positive integer" in result.stderr
     assert "Traceback" not in result.stderr
     s = summary(tmp_path / "run")

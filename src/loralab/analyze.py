@@ -3,8 +3,8 @@
     python -m loralab.analyze outputs/multirun/2024-05-01/12-00-00     (or: loralab-analyze DIR)
 
 It reads only what the jobs left on disk: ``<job>/adapter/`` (the adapter's tensors and
-config), ``<job>/summary.json`` (status, overrides) and ``<job>/.hydra/config.yaml``
-(seed). Into the sweep directory it writes ``analysis.md`` with
+config) and ``<job>/summary.json`` (status, overrides, seed). Into the sweep directory
+it writes ``analysis.md`` with
 
 - per run and per setting (mean ± std over seeds), the layer means of ``loralab.analysis``:
   effective and stable rank, ‖ΔW‖_F and, given the base weights, the amplification
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import json
 import re
 import statistics
 from dataclasses import dataclass
@@ -32,16 +31,27 @@ from functools import cache
 from pathlib import Path
 
 import torch
-import yaml
 
-from loralab.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from loralab.adapters import ADAPTER_WEIGHTS
 from loralab.analysis import analyze_adapter, random_subspace_similarity, subspace_similarity
 from loralab.base import BaseError, load_base, load_recorded_base
 from loralab.files import write_atomic
+from loralab.layout import (
+    RANK_KEY,
+    SEED_KEY,
+    adapter_dir,
+    hydra_config,
+    job_dirs,
+    read_adapter_config,
+    read_multirun,
+    read_summary,
+    seed_of,
+    setting_label,
+    swept_keys,
+)
 from loralab.lora import lora_scale
-from loralab.overrides import declared_sweep, job_order, swept_overrides, varying_keys
+from loralab.overrides import swept_overrides
 
-RANK_KEY, SEED_KEY = "lora.rank", "seed"
 # (row name in analysis.md, per-layer value of loralab.analysis)
 LAYER_MEANS = (("eff. rank", "eff_rank"), ("stable rank", "stable_rank"), ("‖ΔW‖_F", "delta_w_norm"),
                ("‖UᵀWV‖_F", "projected_weight_norm"), ("‖UᵀWV‖_F random", "projected_weight_norm_random"),
@@ -93,37 +103,35 @@ def write_analysis(sweep_dir: str | Path, base: Path | None = None, layers: str 
 
 def load_adapters(sweep_dir: Path, base: Path | None) -> tuple[list[Adapter], list[str]]:
     """The sweep's completed adapters in job order, and notes on what was left out."""
-    job_dirs = sorted((p.parent.parent for p in sweep_dir.glob(f"*/adapter/{ADAPTER_WEIGHTS}")), key=job_order)
-    if not job_dirs:
+    saved = [d for d in job_dirs(sweep_dir) if (adapter_dir(d) / ADAPTER_WEIGHTS).is_file()]
+    if not saved:
         raise AnalysisError(f"{sweep_dir} holds no saved adapter (expected {sweep_dir}/<job>/adapter/"
                             f"{ADAPTER_WEIGHTS}, which each completed LoRA run of a `python train.py -m ...` writes)")
-    summaries = {d: json.loads((d / "summary.json").read_text()) for d in job_dirs}
+    summaries = {d: read_summary(d) for d in saved}
     notes = [f"Job {d.name} left out: status {s['status']}." for d, s in summaries.items()
              if s["status"] != "completed"]
-    job_dirs = [d for d in job_dirs if summaries[d]["status"] == "completed"]
-    overrides = {d: summaries[d].get("overrides", []) for d in job_dirs}
-    declared = declared_sweep(sweep_dir)  # the swept keys, as the sweep report finds them
-    swept = declared[0] if declared else varying_keys(list(overrides.values()))
+    completed = [d for d in saved if summaries[d]["status"] == "completed"]
+    overrides = {d: summaries[d].get("overrides", []) for d in completed}
+    swept = swept_keys(sweep_dir, list(overrides.values()))  # as the sweep report finds them
     adapters = []
-    for job_dir in job_dirs:
-        adapter, note = load_adapter(job_dir, swept_overrides(overrides[job_dir], swept), base)
+    for job_dir in completed:
+        swept_here = swept_overrides(overrides[job_dir], swept)
+        adapter, note = load_adapter(job_dir, swept_here, seed_of(summaries[job_dir]), base)
         adapters.append(adapter)
         notes += [note] if note else []
     return adapters, list(dict.fromkeys(notes))
 
 
-def load_adapter(job_dir: Path, swept: dict[str, str], base: Path | None) -> tuple[Adapter, str | None]:
+def load_adapter(job_dir: Path, swept: dict[str, str], seed: int, base: Path | None) -> tuple[Adapter, str | None]:
     from safetensors.torch import load_file
 
-    meta = json.loads((job_dir / "adapter" / ADAPTER_CONFIG).read_text())
+    meta = read_adapter_config(job_dir)
     lora = meta["lora"]
     base_weights, note = base_weights_for(meta, base)
-    tensors = load_file(job_dir / "adapter" / ADAPTER_WEIGHTS)
+    tensors = load_file(adapter_dir(job_dir) / ADAPTER_WEIGHTS)
     layers = analyze_adapter(tensors, lora_scale(lora["alpha"], lora["rank"], lora["scaling"]), base_weights)
-    seed = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())[SEED_KEY]
-    return Adapter(job=job_dir.name, rank=lora["rank"], seed=seed,
-                   setting=",".join(o for key, o in swept.items() if key != SEED_KEY) or "all runs",
-                   context=",".join(o for key, o in swept.items() if key not in (SEED_KEY, RANK_KEY)),
+    return Adapter(job=job_dir.name, rank=lora["rank"], seed=seed, setting=setting_label(swept) or "all runs",
+                   context=setting_label(swept, leave_out=(SEED_KEY, RANK_KEY)),
                    tensors=tensors, layers=layers), note
 
 
@@ -339,12 +347,11 @@ def log_to_wandb(sweep_dir: Path, adapters: list[Adapter], figures: list[str]) -
     if not logged:
         return
     import wandb
-    from omegaconf import OmegaConf
 
     from loralab.wandb_setup import start_wandb
 
-    logger = OmegaConf.load(sweep_dir / logged[0] / ".hydra" / "config.yaml").logger
-    group = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.sweep.dir  # the runs' group, as loggers.py names it
+    logger = hydra_config(sweep_dir / logged[0]).logger
+    group = read_multirun(sweep_dir).sweep.dir  # the runs' group, as loggers.py names it
     run = start_wandb(logger.mode, project=logger.project, entity=logger.entity, group=Path(group).as_posix(),
                       job_type="analysis", name="analysis", dir=sweep_dir)
     try:

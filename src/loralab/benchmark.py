@@ -11,13 +11,14 @@ forward and generation speed, checkpoint bytes) is measured by ``python -m loral
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from loralab.layout import job_dirs, read_summary
 
 # (what, extra train.py arguments, target wall time in seconds)
 CASES = [
@@ -37,8 +38,8 @@ def timed_run(train_py: Path, args: list[str], workdir: Path) -> float:
 
 def sweep_gains(workdir: Path) -> str:
     """val/loss gain over the base of each run of the rank sweep: the sweep must show a difference."""
-    summaries = sorted((workdir / "outputs" / "multirun").glob("*/*/*/summary.json"))
-    runs = [json.loads(p.read_text()) for p in summaries]
+    sweep_dirs = sorted((workdir / "outputs" / "multirun").glob("*/*"))
+    runs = [read_summary(job_dir) for sweep_dir in sweep_dirs for job_dir in job_dirs(sweep_dir)]
     return ", ".join(f"{r['name']}: {r['metrics']['gain/val_loss']:+.4f}" for r in runs)
 
 

@@ -19,7 +19,6 @@ A file that does not load that way is refused in one line (``CheckpointError``).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from loralab.files import atomic_path
 
 LAST = "last.ckpt"
-FINISHED = ("completed", "diverged")  # a run with one of these results is never run again by resume=true
 
 
 class CheckpointError(ValueError):
@@ -108,12 +106,3 @@ def discard_unreadable_checkpoint(directory: str | Path) -> str | None:
         return str(e)
     return None
 
-
-def finished_summary(run_dir: str | Path) -> dict | None:
-    """The run's summary.json when it holds a finished result, else None (never started,
-    killed, or failed: those ``resume=true`` runs again, from their last checkpoint)."""
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    return summary if summary.get("status") in FINISHED else None

@@ -28,8 +28,17 @@ from omegaconf import OmegaConf
 from loralab.adapters import ADAPTER_CONFIG, disable_adapter, load_adapter, set_adapter
 from loralab.base import BaseError, load_recorded_base
 from loralab.files import write_atomic
+from loralab.layout import (
+    ADAPTER_DIR,
+    SUMMARY,
+    adapter_dir,
+    has_adapter,
+    hydra_config,
+    job_dirs,
+    read_adapter_config,
+    read_summary,
+)
 from loralab.model import GPT
-from loralab.overrides import job_order
 
 BASE = "base (no adapter)"
 
@@ -37,19 +46,14 @@ BASE = "base (no adapter)"
 def completed_jobs(sweep_dir: Path) -> list[tuple[str, Path]]:
     """(run name, job directory) of every job that left a completed LoRA adapter, in job order."""
     jobs = []
-    for job_dir in sorted(sweep_dir.iterdir(), key=job_order):
-        summary = job_dir / "summary.json"
-        if (job_dir / "adapter" / ADAPTER_CONFIG).is_file() and summary.is_file():
-            s = json.loads(summary.read_text())
-            if s.get("status") == "completed":
-                jobs.append((s.get("name") or job_dir.name, job_dir))
+    for job_dir in job_dirs(sweep_dir):
+        summary = read_summary(job_dir) if has_adapter(job_dir) else None
+        if summary is not None and summary["status"] == "completed":
+            jobs.append((summary.get("name") or job_dir.name, job_dir))
     if not jobs:
-        raise FileNotFoundError(f"{sweep_dir} holds no completed LoRA run (expected <job>/adapter/{ADAPTER_CONFIG})")
+        raise FileNotFoundError(f"{sweep_dir} holds no completed LoRA run "
+                                f"(expected <job>/{ADAPTER_DIR}/{ADAPTER_CONFIG})")
     return jobs
-
-
-def adapter_config(job_dir: Path) -> dict:
-    return json.loads((job_dir / "adapter" / ADAPTER_CONFIG).read_text())
 
 
 def require_shareable(jobs: list[tuple[str, Path]], cfg) -> None:
@@ -57,19 +61,19 @@ def require_shareable(jobs: list[tuple[str, Path]], cfg) -> None:
     kind = cfg.model.get("kind", "gpt")
     if kind != "gpt":
         raise ValueError(f"the sweep's runs are model.kind={kind}: loralab.evaluate compares GPT adapters only "
-                         f"(each run's summary.json holds its final val/ metrics on the whole held-out split)")
+                         f"(each run's {SUMMARY} holds its final val/ metrics on the whole held-out split)")
     for name, job_dir in jobs:
-        saved = adapter_config(job_dir)["lora"].get("modules_to_save")
+        saved = read_adapter_config(job_dir)["lora"].get("modules_to_save")
         if saved:
             raise ValueError(f"run {name!r} trained modules_to_save={saved} in full beside its adapter: adapters "
                              f"that share one base cannot each bring their own copy of those modules, so "
-                             f"loralab.evaluate cannot compare them (each run's summary.json holds its final "
+                             f"loralab.evaluate cannot compare them (each run's {SUMMARY} holds its final "
                              f"val/ metrics)")
 
 
 def shared_base(jobs: list[tuple[str, Path]]) -> tuple[GPT, str]:
     """The one base every adapter of the sweep records, loaded and verified, and its hash."""
-    bases = {json.dumps(adapter_config(d).get("base"), sort_keys=True) for _, d in jobs}
+    bases = {json.dumps(read_adapter_config(d).get("base"), sort_keys=True) for _, d in jobs}
     if len(bases) != 1 or "null" in bases:
         raise BaseError("the sweep's adapters do not record one common base: evaluate them sweep by sweep")
     base = json.loads(bases.pop())
@@ -99,11 +103,11 @@ def evaluate_sweep(sweep_dir: Path, overrides: list[str], prompt: str | None, ma
     from loralab.data import TextDataModule, tokenizer_of
 
     jobs = completed_jobs(sweep_dir)
-    cfg = OmegaConf.merge(OmegaConf.load(jobs[0][1] / ".hydra" / "config.yaml"), OmegaConf.from_dotlist(overrides))
+    cfg = OmegaConf.merge(hydra_config(jobs[0][1]), OmegaConf.from_dotlist(overrides))
     require_shareable(jobs, cfg)
     model, sha256 = shared_base(jobs)
     for i, (_, job_dir) in enumerate(jobs):
-        load_adapter(model, job_dir / "adapter", name=f"job{i}", expected_base_sha256=sha256)
+        load_adapter(model, adapter_dir(job_dir), name=f"job{i}", expected_base_sha256=sha256)
     tok = tokenizer_of(cfg.model.pretrained)
     data = TextDataModule(block_size=model.config.block_size, tokenizer=tok, seed=cfg.seed, **cfg.data)
     batches = list(data.val_dataloader())

@@ -17,7 +17,6 @@ Importing this module is fast: no Lightning.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
@@ -27,6 +26,8 @@ from pathlib import Path
 from hydra.errors import CompactHydraException, MissingConfigException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+
+from loralab.layout import job_dirs, run_status
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_DIVERGED = 1, 2, 3
 STATUS_EXIT = {"completed": 0, "failed": EXIT_FAILED, "diverged": EXIT_DIVERGED}
@@ -91,14 +92,6 @@ def job_traceback(error: BaseException) -> str:
     return "".join(traceback.format_exception(type(error), error, tb.tb_next if tb else error.__traceback__))
 
 
-def run_status(run_dir: str | Path) -> str | None:
-    """The status a run recorded in its summary.json, or None when it wrote none."""
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text())["status"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def sweep_exit_code(statuses: list[str | None]) -> int:
     """Failed (or no summary at all) before diverged before completed."""
     codes = [STATUS_EXIT.get(status, EXIT_FAILED) for status in statuses]
@@ -136,7 +129,7 @@ class ExitCode(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        statuses = [run_status(path.parent) for path in sorted(sweep_dir.glob("*/summary.json"))]
+        statuses = [run_status(job_dir) for job_dir in job_dirs(sweep_dir)]
         code = sweep_exit_code(statuses)
         if code:
             tally = ", ".join(f"{n} {status or 'without summary.json'}" for status, n in Counter(statuses).items())

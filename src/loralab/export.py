@@ -15,42 +15,38 @@ GPT-2 its adapter would compute something else.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from loralab.adapters import ADAPTER_CONFIG, load_adapter
 from loralab.base import BaseError, load_recorded_base
+from loralab.layout import ADAPTER_DIR, adapter_dir, has_adapter, hydra_overrides, read_adapter_config
 from loralab.lora import LoRAConfig
 from loralab.model import GPT
-from loralab.overrides import HYDRA_OVERRIDES
 
 
 def load_finetuned(run_dir: str | Path) -> tuple[GPT, LoRAConfig, dict]:
     """The fine-tuned model of a completed LoRA run (its recorded base with its adapter
     loaded), the adapter's LoRAConfig and the adapter's saved metadata."""
     run_dir = Path(run_dir)
-    meta_file = run_dir / "adapter" / ADAPTER_CONFIG
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a completed LoRA run: it has no adapter/{ADAPTER_CONFIG}")
-    meta = json.loads(meta_file.read_text())
+    if not has_adapter(run_dir):
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a completed LoRA run: it has no "
+                                f"{ADAPTER_DIR}/{ADAPTER_CONFIG}")
+    meta = read_adapter_config(run_dir)
     if "base" not in meta:
-        raise BaseError(f"{meta_file} does not record its base model (written by an older loralab): "
-                        "re-run the run to export it")
+        raise BaseError(f"{adapter_dir(run_dir) / ADAPTER_CONFIG} does not record its base model "
+                        "(written by an older loralab): re-run the run to export it")
     try:
         model = load_recorded_base(meta["base"])
     except BaseError as e:
         raise BaseError(f"{e}. {how_to_rebuild(run_dir, meta['base'])}") from None
-    return model, load_adapter(model, run_dir / "adapter"), meta
+    return model, load_adapter(model, adapter_dir(run_dir)), meta
 
 
 def how_to_rebuild(run_dir: Path, base: dict) -> str:
     if base["source"] != "cache":
         return "Put that file back where it was (the run loaded it from there)."
-    overrides_file = run_dir / HYDRA_OVERRIDES
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    overrides = hydra_overrides(run_dir) or []
     return ("Pretraining is deterministic: running `python train.py " + " ".join(overrides) +
             f"` from the directory that holds {Path(base['path']).parent} pretrains the same base again")
 

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from loralab.distributed import is_rank_zero
 from loralab.files import write_atomic
-from loralab.overrides import declared_sweep, param_keys, sweep_label, without_resume
+from loralab.layout import SEED_KEY, swept_keys
+from loralab.overrides import sweep_label, without_resume
 from loralab.provenance import provenance
 from loralab.wandb_setup import start_wandb
 
@@ -36,7 +37,7 @@ class RunIdentity:
 WANDB_RUN_ID = "wandb-run-id"  # in the run's checkpoint directory
 
 # what does not change what a run computes: left out of its setting id
-NOT_A_SETTING = ("seed", "paths", "logger", "checkpoint", "resume")
+NOT_A_SETTING = (SEED_KEY, "paths", "logger", "checkpoint", "resume")
 
 
 def setting_id(cfg: DictConfig) -> str:
@@ -56,9 +57,7 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
     if hydra.mode != RunMode.MULTIRUN:
         return RunIdentity(name=hydra.job.override_dirname or "default", group=None, overrides=overrides,
                            setting_id=setting)
-    sweep = declared_sweep(hydra.sweep.dir)
-    # a sweeper that writes no multirun.yaml (Optuna's) has its search space in its params
-    swept = sweep[0] if sweep else param_keys(hydra.sweeper.get("params") or {})
+    swept = swept_keys(hydra.sweep.dir, sweeper_params=hydra.sweeper.get("params"))
     return RunIdentity(name=sweep_label(overrides, swept) or hydra.job.override_dirname or "default",
                        group=sweep_group(hydra), overrides=overrides, setting_id=setting)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from loralab import stats
 from loralab.files import write_atomic
-from loralab.overrides import RANK_KEY, SEED_KEY
+from loralab.layout import RANK_KEY, SEED_KEY, setting_label
 from loralab.tuning import TunedSetting
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def plot_loss_curves(sweep: SweepResults):
 def line_label(setting: Setting) -> str:
     """The setting's swept overrides other than the rank and the seed: one line per value."""
     swept = setting.completed[0].swept
-    return ",".join(o for key, o in swept.items() if key not in (RANK_KEY, SEED_KEY)) or "LoRA"
+    return setting_label(swept, leave_out=(RANK_KEY, SEED_KEY)) or "LoRA"
 
 
 def ci_half_width(est: stats.Estimate) -> float:

@@ -16,31 +16,32 @@ import argparse
 import csv
 import io
 import itertools
-import json
 import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from filelock import FileLock
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 
 from loralab import stats, tuning
 from loralab.files import write_atomic
-from loralab.overrides import (
-    HYDRA_OVERRIDES,
+from loralab.layout import (
     MULTIRUN_YAML,
-    SEED_KEY,
+    SUMMARY,
+    RunDirError,
     declared_jobs,
-    declared_sweep,
+    hydra_overrides,
+    job_dirs,
     job_order,
-    parse_overrides,
-    swept_overrides,
-    varying_keys,
+    read_summary,
+    seed_of,
+    setting_label,
+    swept_keys,
 )
+from loralab.overrides import parse_overrides, swept_overrides
 from loralab.plots import PLOTS, SweepResults, write_plots
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ METRICS = {
     "perf/tokens_per_s": "{:,.0f}",
 }
 COLUMNS = ["job", "overrides", "status", *METRICS, "wall_time_s", "error"]
-NO_SUMMARY = "no summary.json: still running, or killed before it could write one (see the job's log)"
+NO_SUMMARY = f"no {SUMMARY}: still running, or killed before it could write one (see the job's log)"
 NOT_STARTED = "declared by the sweep (multirun.yaml), never started"
 ERROR_CHARS = 120  # of an error in the Markdown table; the CSV keeps all of it
 LOCK_TIMEOUT_S = 300  # jobs of a parallel launcher take turns; a report takes seconds
@@ -90,7 +91,7 @@ class Run:
     @property
     def setting(self) -> str:
         """What the run varies apart from its seed: runs that differ only in seed are one setting."""
-        return ",".join(o for key, o in self.swept.items() if key != SEED_KEY) or "all runs"
+        return setting_label(self.swept) or "all runs"
 
     @property
     def is_full(self) -> bool:
@@ -138,24 +139,22 @@ def write_report(sweep_dir: str | Path, tune: str | None = None) -> Path:
 def check_sweep_dir(sweep_dir: Path) -> None:
     if not sweep_dir.is_dir():
         raise ReportError(f"{sweep_dir} is not a directory")
-    if not any(sweep_dir.glob("*/summary.json")) and not (sweep_dir / MULTIRUN_YAML).is_file():
-        raise ReportError(f"{sweep_dir} holds no run with a summary.json (expected {sweep_dir}/<job>/summary.json, "
+    if not job_dirs(sweep_dir) and not (sweep_dir / MULTIRUN_YAML).is_file():
+        raise ReportError(f"{sweep_dir} holds no run with a {SUMMARY} (expected {sweep_dir}/<job>/{SUMMARY}, "
                           "as a `python train.py -m ...` sweep directory does)")
 
 
 def load_runs(sweep_dir: Path) -> list[Run]:
     """Every job directory, in job order, and every job the sweep declared that has none; a job
     that left no summary.json, or one that cannot be read, is still a row."""
-    job_dirs = [d for d in sweep_dir.iterdir() if (d / "summary.json").is_file() or (d / HYDRA_OVERRIDES).is_file()]
-    runs = [read_run(d) for d in sorted(job_dirs, key=job_order)]
+    runs = [read_run(d) for d in job_dirs(sweep_dir)]
     started = {tuple(sorted(run.overrides)) for run in runs}
     taken = {run.job for run in runs}
     for number, overrides in enumerate(declared_jobs(sweep_dir) or []):
         if tuple(sorted(overrides)) not in started and str(number) not in taken:
             runs.append(Run(job=str(number), status="not started", error=NOT_STARTED, overrides=overrides))
     runs.sort(key=lambda run: job_order(Path(run.job)))
-    declared = declared_sweep(sweep_dir)
-    swept = declared[0] if declared else varying_keys([run.overrides for run in runs])
+    swept = swept_keys(sweep_dir, [run.overrides for run in runs])
     for run in runs:
         run.swept = swept_overrides(run.overrides, swept)
     return runs
@@ -164,13 +163,10 @@ def load_runs(sweep_dir: Path) -> list[Run]:
 def read_run(job_dir: Path) -> Run:
     """The job's row: from its summary.json; ``unfinished`` without one; ``unreadable`` (and why)
     when it is not JSON or lacks what a row needs."""
-    path = job_dir / "summary.json"
-    if not path.is_file():
-        return Run(job=job_dir.name, status="unfinished", error=NO_SUMMARY, overrides=hydra_overrides(job_dir))
     try:
-        summary = json.loads(path.read_text())
-        if not isinstance(summary, dict) or not isinstance(summary.get("status"), str):
-            raise ValueError("no status")
+        summary = read_summary(job_dir)
+        if summary is None:
+            return Run(job=job_dir.name, status="unfinished", error=NO_SUMMARY, overrides=saved_overrides(job_dir))
         config = summary.get("config", {})
         metrics = {name: value for name, value in summary.get("metrics", {}).items()
                    if isinstance(value, (int, float))}  # what else a damaged file holds would stop the report
@@ -180,21 +176,21 @@ def read_run(job_dir: Path) -> Run:
         run = Run(job=job_dir.name, status=summary["status"], error=None if error is None else str(error),
                   overrides=list(summary.get("overrides", [])), metrics=metrics, history=history,
                   lora=dict(config.get("lora", {})), wall_time_s=None if wall_time_s is None else float(wall_time_s),
-                  seed=config.get("seed"))
+                  seed=seed_of(summary))
         parse_overrides(run.overrides)  # the row's label
         return run
-    except (OSError, ValueError, TypeError, AttributeError, HydraException) as e:
-        return Run(job=job_dir.name, status="unreadable", error=f"unreadable: {path}: {type(e).__name__}: {e}",
-                   overrides=hydra_overrides(job_dir))
+    except RunDirError as e:
+        return Run(job=job_dir.name, status="unreadable", error=f"unreadable: {e}", overrides=saved_overrides(job_dir))
+    except (ValueError, TypeError, AttributeError, HydraException) as e:  # it lacks what a row needs
+        error = f"unreadable: {job_dir / SUMMARY}: {type(e).__name__}: {e}"
+        return Run(job=job_dir.name, status="unreadable", error=error, overrides=saved_overrides(job_dir))
 
 
-def hydra_overrides(job_dir: Path) -> list[str]:
+def saved_overrides(job_dir: Path) -> list[str]:
     """The job's overrides as Hydra saved them before it started; [] when unreadable."""
     try:
-        overrides = yaml.safe_load((job_dir / HYDRA_OVERRIDES).read_text()) or []
-        parse_overrides(overrides)
-        return overrides
-    except (OSError, yaml.YAMLError, TypeError, HydraException):  # damaged: the row has no label, the report goes on
+        return hydra_overrides(job_dir) or []
+    except RunDirError:  # damaged: the row has no label, the report goes on
         return []
 
 

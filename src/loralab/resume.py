@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from hydra.errors import CompactHydraException
 
-from loralab.checkpoints import finished_summary
-from loralab.overrides import HYDRA_OVERRIDES, without_resume
+from loralab.layout import RunDirError, finished_summary, hydra_overrides, job_dirs
+from loralab.overrides import without_resume
 
 
 class SweepDirError(CompactHydraException, ValueError):
@@ -24,29 +23,28 @@ class SweepDirError(CompactHydraException, ValueError):
     (Hydra prints a CompactHydraException as its one line, without a traceback)."""
 
 
-def holds_job(job_dir: Path) -> bool:
-    return (job_dir / HYDRA_OVERRIDES).is_file() or (job_dir / "summary.json").is_file()
+def jobs_to_run(sweep_dir: Path, jobs: list[list[str]], targets: list[Path], resume: bool) -> list[int]:
+    """The numbers of the jobs to launch (``jobs[i]`` runs in ``targets[i]``); SweepDirError,
+    one line, when the directory holds results this sweep may not go on with, or a damaged file."""
+    try:
+        return unfinished_jobs(sweep_dir, jobs, targets, resume)
+    except RunDirError as e:
+        raise SweepDirError(str(e)) from None
 
 
-def saved_overrides(job_dir: Path) -> list[str]:
-    return without_resume(yaml.safe_load((job_dir / HYDRA_OVERRIDES).read_text()) or [])
-
-
-def jobs_to_run(sweep_dir: Path, jobs: list[list[str]], job_dirs: list[Path], resume: bool) -> list[int]:
-    """The numbers of the jobs to launch (``jobs[i]`` runs in ``job_dirs[i]``); SweepDirError,
-    one line, when the directory holds results and this sweep may not go on with them."""
-    used = sorted(d for d in sweep_dir.iterdir() if d.is_dir() and holds_job(d)) if sweep_dir.is_dir() else []
+def unfinished_jobs(sweep_dir: Path, jobs: list[list[str]], targets: list[Path], resume: bool) -> list[int]:
+    used = job_dirs(sweep_dir)
     if used and not resume:
         raise SweepDirError(f"{sweep_dir} already holds the results of {len(used)} job(s): rerun with resume=true "
                             "to continue that sweep (finished jobs are kept), or choose another hydra.sweep.dir")
-    declared = {d.resolve(): i for i, d in enumerate(job_dirs)}
+    declared = {d.resolve(): i for i, d in enumerate(targets)}
     for job_dir in used:
         if job_dir.resolve() not in declared:
-            raise SweepDirError(f"{job_dir} holds a job this sweep does not declare ({saved_overrides(job_dir)}): "
+            raise SweepDirError(f"{job_dir} holds a job this sweep does not declare ({hydra_overrides(job_dir)}): "
                                 "resume a sweep with its own command line, or choose another hydra.sweep.dir")
         number = declared[job_dir.resolve()]
-        expected = without_resume(jobs[number])
-        if (job_dir / HYDRA_OVERRIDES).is_file() and sorted(saved_overrides(job_dir)) != sorted(expected):
-            raise SweepDirError(f"{job_dir} holds a different job: it ran with {saved_overrides(job_dir)}, "
+        saved, expected = hydra_overrides(job_dir), without_resume(jobs[number])
+        if saved is not None and sorted(saved) != sorted(expected):
+            raise SweepDirError(f"{job_dir} holds a different job: it ran with {saved}, "
                                 f"job {number} of this sweep is {expected}; it is never reused for another job")
-    return [i for i, d in enumerate(job_dirs) if finished_summary(d) is None]
+    return [i for i, d in enumerate(targets) if finished_summary(d) is None]

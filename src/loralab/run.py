@@ -36,15 +36,14 @@ from loralab.checkpoints import (
     LastCheckpoint,
     checkpoint_step,
     discard_unreadable_checkpoint,
-    finished_summary,
     last_checkpoint,
 )
 from loralab.config import ConfigError, lora_config_of, model_config_of, validate
 from loralab.console import silence_known_noise
 from loralab.data import SeededDataModule, tokenizer_of
 from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, run_only_this_job
-from loralab.files import write_json
 from loralab.gpt2 import load_gpt2
+from loralab.layout import CHECKPOINTS_DIR, adapter_dir, finished_summary, write_summary
 from loralab.loggers import RunIdentity, finish_logger, make_logger, run_identity
 from loralab.lora import inject_lora
 from loralab.model import GPT
@@ -86,10 +85,10 @@ def train(cfg: DictConfig) -> float:
             adapted = inject_lora(model, lora_config)
             log.info("LoRA r=%d on %d modules: %s", lora_config.rank, len(adapted), ", ".join(adapted))
         result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim,
-                     checkpoint_dir=run_dir / "checkpoints", resume=cfg.resume, held_out=held_out)
+                     checkpoint_dir=run_dir / CHECKPOINTS_DIR, resume=cfg.resume, held_out=held_out)
         summary.update(result)
         if summary["status"] == "completed" and lora_config is not None and is_rank_zero():
-            save_adapter(model, lora_config, run_dir / "adapter", base=base.to_dict())
+            save_adapter(model, lora_config, adapter_dir(run_dir), base=base.to_dict())
         # +inf, not NaN, when it diverged: a search ranks it last (Optuna 2.10 refuses a NaN
         # objective, and hydra-optuna-sweeper then stops the whole search)
         return summary["metrics"]["best/val_loss"] if summary["status"] == "completed" else math.inf
@@ -102,7 +101,7 @@ def train(cfg: DictConfig) -> float:
             summary["wall_time_s"] = time.time() - started
             summary["config"] = OmegaConf.to_container(cfg, resolve=False)
             summary["provenance"] = provenance(cfg.trainer)
-            write_json(run_dir / "summary.json", summary)
+            write_summary(run_dir, summary)
             if not (summary["error"] or "").startswith(ConfigError.__name__):  # its lines alone say it (exits.py)
                 print_result(summary)
 

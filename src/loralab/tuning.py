@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from loralab import stats
-from loralab.overrides import SEED_KEY
+from loralab.layout import SEED_KEY
 
 TUNE_KEY = "optim.lr"  # tuned by default whenever a sweep varies it
 TUNED_COLUMNS = ["setting", "lr", "n", "val_loss_mean", "test_loss_mean", "test_loss_ci_low", "test_loss_ci_high"]

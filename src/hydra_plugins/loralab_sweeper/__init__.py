@@ -1,16 +1,13 @@
-"""loralab's sweeper: Hydra's basic sweeper with two things a LoRA sweep needs
-(``hydra/sweeper=loralab``, the default in conf/train.yaml). It lives in Hydra's
-``hydra_plugins`` namespace because Hydra instantiates sweepers only from there.
+"""loralab's sweeper (``hydra/sweeper=loralab``, the default in conf/train.yaml): Hydra's
+basic sweeper over loralab's jobs. It lives in Hydra's ``hydra_plugins`` namespace because
+Hydra instantiates sweepers only from there; what it does lives in loralab:
 
-- **The baseline in the same sweep.** ``-m lora=default,full lora.rank=4,8 seed=1,2``
-  is a cartesian product in which the full fine-tuning baseline would run once per
-  rank, though ``lora.*`` keys mean nothing to it. Jobs that differ only in keys of
-  the section a group option switched off are one job: full fine-tuning runs once
-  per seed.
-- **Every job checked before any job runs.** Hydra already composes every job's
-  config before launching; this sweeper also runs loralab's semantic checks
-  (``loralab.config.validate``) on each, so a bad value in the fifth job stops the
-  sweep before the first job pretrains or trains.
+- **The baseline in the same sweep.** Jobs are expanded by ``loralab.jobs.expand``: full
+  fine-tuning runs once per seed in ``-m lora=default,full lora.rank=4,8 seed=1,2``.
+- **Every job checked before any job runs.** Hydra already composes every job's config
+  before launching; this sweeper also runs loralab's semantic checks
+  (``loralab.config.validate``) on each, so a bad value in the fifth job stops the sweep
+  before the first job pretrains or trains.
 - **No result overwritten.** A sweep directory that holds jobs is refused, or with
   ``resume=true`` continued: finished jobs are skipped, the others launched under their
   own job numbers (``loralab.resume``).
@@ -22,11 +19,10 @@ from typing import Any, Dict, List, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-# group option -> the key prefix it makes irrelevant
-SWITCHED_OFF = {"lora=full": "lora."}
+from loralab.jobs import contiguous_batches, expand
+from loralab.layout import MULTIRUN_YAML
 
 
 @dataclass
@@ -39,39 +35,21 @@ class LoRASweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="loralab", node=LoRASweeperConf, provider="loralab")
 
 
-def without_redundant_jobs(jobs: List[List[str]]) -> List[List[str]]:
-    """Drop a job when it equals an earlier one once the keys its group options switch off
-    are left out (``lora=full`` ignores ``lora.rank=...``); the first of each stays."""
-    seen, kept = set(), []
-    parser = OverridesParser.create()
-    for job in jobs:
-        parsed = parser.parse_overrides(job)
-        options = {o.input_line.lstrip("+~") for o in parsed}
-        off = tuple(prefix for option, prefix in SWITCHED_OFF.items() if option in options)
-        relevant = tuple(o.input_line for o in parsed if not (off and o.key_or_group.startswith(off)))
-        if relevant not in seen:
-            seen.add(relevant)
-            kept.append(job)
-    return kept
-
-
 class LoRASweeper(BasicSweeper):
     def sweep(self, arguments: List[str]) -> Any:
-        """BasicSweeper.sweep, minus the jobs a sweep directory already holds: refuse the
-        directory, or with ``resume=true`` launch only the unfinished jobs, each contiguous
-        run of them with its first job number (``initial_job_idx``), so every job keeps its
-        number and directory. All jobs to run are checked before the first starts."""
+        """BasicSweeper.sweep over ``loralab.jobs.expand``, minus the jobs the sweep directory
+        already holds: refuse the directory, or with ``resume=true`` launch only the unfinished
+        jobs, each contiguous run of them with its first job number (``initial_job_idx``), so
+        every job keeps its number and directory. All jobs to run are checked before the first starts."""
         from loralab.resume import jobs_to_run
 
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        overrides = parser.parse_overrides(self._parse_config() + list(arguments))
-        jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
+        jobs = expand(self._parse_config() + list(arguments), self.hydra_context.config_loader)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         resume = bool(self.config.get("resume", False))
         todo = jobs_to_run(sweep_dir, jobs, [self.job_dir(job, i) for i, job in enumerate(jobs)], resume)
         self.validate_batch_is_legal([jobs[i] for i in todo])
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        OmegaConf.save(self.config, sweep_dir / MULTIRUN_YAML)
         returns = []
         for first, batch in contiguous_batches(todo, self.max_batch_size):
             results = self.launcher.launch([jobs[i] for i in batch], initial_job_idx=first)
@@ -86,13 +64,6 @@ class LoRASweeper(BasicSweeper):
         with open_dict(cfg):
             cfg.hydra.job.id = cfg.hydra.job.num = number
         return Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
-
-    @staticmethod
-    def split_arguments(overrides, max_batch_size: Optional[int]) -> List[List[List[str]]]:
-        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
-        jobs = without_redundant_jobs(jobs)
-        size = max_batch_size or len(jobs) or 1
-        return [jobs[i:i + size] for i in range(0, len(jobs), size)]
 
     def validate_batch_is_legal(self, batch: List[List[str]]) -> None:
         """Compose each job's config, as Hydra does, and run loralab's checks on it: all
@@ -113,15 +84,3 @@ class LoRASweeper(BasicSweeper):
                 problems += [f"job [{label}]: {line}" for line in str(e).splitlines()]
         if problems:
             raise ConfigError("\n".join(problems))
-
-
-def contiguous_batches(numbers: List[int], max_batch_size: Optional[int]) -> List[tuple]:
-    """(first number, numbers) for each run of consecutive job numbers, at most
-    ``max_batch_size`` long: [0, 2, 3, 4] -> (0, [0]), (2, [2, 3, 4])."""
-    batches: List[tuple] = []
-    for number in numbers:
-        if batches and number == batches[-1][1][-1] + 1 and len(batches[-1][1]) < (max_batch_size or len(numbers)):
-            batches[-1][1].append(number)
-        else:
-            batches.append((number, [number]))
-    return batches
