@@ -252,3 +252,28 @@ def test_a_killed_pretraining_goes_on_to_the_same_base(tmp_path, base_cache):
     # so its bytes differ between two processes that save the same weights)
     assert load_base(cache / reference.name)[1] == load_base(reference)[1]
     assert not (cache / reference.with_suffix(".ckpt-dir").name).exists()
+
+
+@pytest.mark.slow
+def test_a_run_dir_is_continued_only_by_its_own_run_and_never_overwritten(tmp_path, base_cache):
+    run_dir = tmp_path / "run"
+    args = [*RESUMABLE, "logger=none", f"paths.cache_dir={base_cache}", f"hydra.run.dir={run_dir}"]
+    kill_at_first_checkpoint(start_train(args, tmp_path), run_dir / "checkpoints/last.ckpt")
+    before = tree_bytes(run_dir)
+
+    changed = run_train([*args, "trainer.max_steps=4", "lora.alpha=3", "resume=true"], cwd=tmp_path, check=False)
+    assert changed.returncode == EXIT_CONFIG
+    assert changed.stderr.strip().endswith("these keys differ: lora.alpha, trainer.max_steps")
+    assert tree_bytes(run_dir) == before  # not even Hydra's .hydra/ was rewritten
+
+    run_train([*args, "resume=true"], cwd=tmp_path)
+    finished = tree_bytes(run_dir)
+    again = run_train([*args, "lora.rank=4"], cwd=tmp_path, check=False)
+    assert again.returncode == EXIT_CONFIG and f"{run_dir} holds a completed run" in again.stderr
+    invalid = run_train([*args, "lora.rank=0"], cwd=tmp_path, check=False)
+    assert invalid.returncode == EXIT_CONFIG and tree_bytes(run_dir) == finished
+
+    (run_dir / "summary.json").write_text("{not json")
+    damaged = run_train([*args, "resume=true"], cwd=tmp_path, check=False)
+    assert damaged.returncode == EXIT_CONFIG and "Traceback" not in damaged.stderr
+    assert damaged.stderr.startswith(f"{run_dir / 'summary.json'}: JSONDecodeError")

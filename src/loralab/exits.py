@@ -121,8 +121,9 @@ class ExitCode(Callback):
                 sys.exit(EXIT_CONFIG)
             sys.stderr.write(job_error(error))
             sys.exit(EXIT_FAILED)
-        if run_status(output_dir(job_return)) == "diverged":
-            sys.exit(EXIT_DIVERGED)
+        code = STATUS_EXIT.get(run_status(output_dir(job_return)))
+        if code:  # diverged, or failed without an exception (it trained fewer steps than asked)
+            sys.exit(code)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         """Hydra calls this only when no job raised: what is left to say is divergence."""
