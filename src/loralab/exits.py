@@ -4,8 +4,9 @@ Exit codes of ``python train.py`` (a script can tell the outcomes apart):
 
     0  completed: the run, or every job of the sweep
     1  failed: an error during a run (the traceback is printed; for a checkpoint that cannot
-       be read safely, one line naming it)
-    2  invalid config: its problems, one line each and nothing else (no run started)
+       be read safely, one line naming it), or it trained another number of steps than asked
+    2  invalid config: its problems, one line each and nothing else (no run started); or a
+       run directory it may not write into (``loralab.resume``)
     3  diverged: the loss became NaN or inf (in a sweep: no job failed, at least one diverged)
 
 Hydra prints an error as a header, the message, and a hint about HYDRA_FULL_ERROR;
