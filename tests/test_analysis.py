@@ -258,8 +258,8 @@ def test_a_directory_without_adapters_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path)])
     assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("loralab-analyze: error:") and f"{tmp_path} holds no saved adapter" in error
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"error: {tmp_path} holds no saved adapter")
 
 
 @pytest.fixture(scope="module")
@@ -369,3 +369,28 @@ def test_the_analysis_of_a_qlora_layer_uses_its_dequantized_base():
     expected = analyze_update(layer.lora_A, layer.lora_B, layer.scale,
                               layer.base_layer.dequantize_weight().double())
     assert row["amplification"] == pytest.approx(expected["amplification"])
+
+
+@pytest.mark.slow
+def test_analyze_lists_every_job_it_left_out_and_why(tiny_sweep, tmp_path, capsys):
+    """Job 0's summary cut off mid-write, job 1's adapter truncated, job 2's with a missing key:
+    each left out with its reason, in analysis.md and on the console; job 3 analysed."""
+    from safetensors.torch import load_file, save_file
+
+    from loralab.analyze import main
+
+    sweep_dir, _ = tiny_sweep
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, copy)
+    (copy / "0" / "summary.json").write_text('{"status": "compl')
+    (copy / "1" / "adapter" / "adapter.safetensors").write_bytes(b"\x10\x00")
+    tensors = load_file(copy / "2" / "adapter" / "adapter.safetensors")
+    tensors.pop(sorted(k for k in tensors if k.endswith("lora_B"))[0])
+    save_file(tensors, copy / "2" / "adapter" / "adapter.safetensors")
+    main([str(copy)])
+    console = capsys.readouterr().err
+    text = (copy / "analysis.md").read_text()
+    for job, why in (("0", "its summary is unreadable"), ("1", "its adapter cannot be read"),
+                     ("2", "its adapter cannot be read")):
+        assert f"Job {job} left out: {why}" in text and f"Job {job} left out: {why}" in console
+    assert [row["job"] for row in markdown_rows(text, "| job |")] == ["3"]

@@ -72,6 +72,7 @@ def test_the_checkpoints_own_tokenizer_is_used(tmp_path, gpt2_dir):
     assert used.encode(text) == saved.encode(text).ids != list(text.encode())
 
 
-def test_export_of_something_that_is_not_a_run_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="is not a completed LoRA run"):
+def test_export_of_something_that_is_not_a_run_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
         export([str(tmp_path), "--peft", str(tmp_path / "out")])
+    assert exit.value.code == 2 and "is not a completed LoRA run" in capsys.readouterr().err

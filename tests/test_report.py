@@ -174,7 +174,8 @@ def test_a_single_seed_says_it_has_no_uncertainty_estimate(tmp_path):
 def test_plots_draw_the_means_and_confidence_intervals(tmp_path):
     from loralab import stats
     from loralab.plots import SweepResults, plot_loss_curves, plot_val_loss_vs_rank
-    from loralab.report import aggregate, load_runs
+    from loralab.report import load_runs
+    from loralab.seed_stats import aggregate
 
     seeded_sweep(tmp_path, {4: [2.10, 2.12, 2.14], 8: [2.00, 2.03, 2.06]})
     runs = load_runs(tmp_path)

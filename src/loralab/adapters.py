@@ -232,3 +232,25 @@ def _require_same_base(recorded: dict | None, expected_sha256: str | None, direc
 def _saved_state_dict(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": value.detach() for name, module in modules_to_save(model, config.modules_to_save).items()
             for key, value in module.state_dict().items()}
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory that cannot be what a run saved for this model: a file missing,
+    truncated or not JSON, a config that is not a LoRAConfig, or weights with other keys or
+    shapes than that config gives this model."""
+
+
+def load_adapter_files(model: nn.Module, directory: str | Path, **load_args) -> LoRAConfig:
+    """``load_adapter``, with every way the directory's files can be wrong as one
+    AdapterFileError naming the directory (the model keeps the adapters it had)."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_adapter(model, directory, **load_args)
+    except (OSError, ValueError, TypeError, KeyError, SafetensorError) as e:
+        raise AdapterFileError(f"adapter {directory} does not load: {type(e).__name__}: {e}") from None
+
+
+def non_finite_weights(model: nn.Module) -> list[str]:
+    """The active adapter's weights that hold a NaN or an inf (a diverged run's)."""
+    return [key for key, value in lora_state_dict(model).items() if not torch.isfinite(value).all()]

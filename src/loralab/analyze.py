@@ -26,19 +26,23 @@ import io
 import itertools
 import re
 import statistics
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from loralab.adapters import ADAPTER_WEIGHTS
 from loralab.analysis import analyze_adapter, random_subspace_similarity, subspace_similarity
 from loralab.base import BaseError, load_base, load_recorded_base
 from loralab.files import write_atomic
 from loralab.layout import (
+    ADAPTER_DIR,
     RANK_KEY,
     SEED_KEY,
+    RunDirError,
     adapter_dir,
     hydra_config,
     job_dirs,
@@ -107,18 +111,33 @@ def load_adapters(sweep_dir: Path, base: Path | None) -> tuple[list[Adapter], li
     if not saved:
         raise AnalysisError(f"{sweep_dir} holds no saved adapter (expected {sweep_dir}/<job>/adapter/"
                             f"{ADAPTER_WEIGHTS}, which each completed LoRA run of a `python train.py -m ...` writes)")
-    summaries = {d: read_summary(d) for d in saved}
-    notes = [f"Job {d.name} left out: status {s['status']}." for d, s in summaries.items()
-             if s["status"] != "completed"]
-    completed = [d for d in saved if summaries[d]["status"] == "completed"]
+    notes = [f"Job {d.name} left out: it saved no {ADAPTER_DIR}/{ADAPTER_WEIGHTS} (full fine-tuning, or a run "
+             f"that did not finish)." for d in job_dirs(sweep_dir) if d not in saved]
+    summaries = {}
+    for d in saved:
+        try:
+            summaries[d] = read_summary(d)
+        except RunDirError as e:
+            notes.append(f"Job {d.name} left out: its summary is unreadable ({e}).")
+            continue
+        if summaries[d] is None or summaries[d]["status"] != "completed":
+            status = "no summary.json" if summaries[d] is None else f"status {summaries[d]['status']}"
+            notes.append(f"Job {d.name} left out: {status}.")
+    completed = [d for d, s in summaries.items() if s is not None and s["status"] == "completed"]
     overrides = {d: summaries[d].get("overrides", []) for d in completed}
     swept = swept_keys(sweep_dir, list(overrides.values()))  # as the sweep report finds them
     adapters = []
     for job_dir in completed:
         swept_here = swept_overrides(overrides[job_dir], swept)
-        adapter, note = load_adapter(job_dir, swept_here, seed_of(summaries[job_dir]), base)
+        try:
+            adapter, note = load_adapter(job_dir, swept_here, seed_of(summaries[job_dir]), base)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as e:  # a damaged adapter
+            notes.append(f"Job {job_dir.name} left out: its adapter cannot be read ({type(e).__name__}: {e}).")
+            continue
         adapters.append(adapter)
         notes += [note] if note else []
+    if not adapters:
+        raise AnalysisError(f"{sweep_dir} holds no readable adapter of a completed run: " + " ".join(notes))
     return adapters, list(dict.fromkeys(notes))
 
 
@@ -367,12 +386,16 @@ def main(argv: list[str] | None = None) -> None:
                                                    "ΔW with W (default: the file adapter_config.json names)")
     parser.add_argument("--layers", help="a regular expression: the adapted layers the heat maps draw (default: all)")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        parser.error(f"{args.sweep_dir} is not a directory")
     try:
+        if not args.sweep_dir.is_dir():
+            raise AnalysisError(f"{args.sweep_dir} is not a directory")
         path = write_analysis(args.sweep_dir, args.base, args.layers)
     except AnalysisError as e:
-        parser.error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for line in path.read_text().splitlines():  # every job left out, and why
+        if line.startswith("Job ") and " left out: " in line:
+            print(line, file=sys.stderr)
     print(f"Adapter analysis: {path}", flush=True)
 
 

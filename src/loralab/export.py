@@ -15,10 +15,11 @@ GPT-2 its adapter would compute something else.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
-from loralab.adapters import ADAPTER_CONFIG, load_adapter
+from loralab.adapters import ADAPTER_CONFIG, AdapterFileError, load_adapter_files, non_finite_weights
 from loralab.base import BaseError, load_recorded_base
 from loralab.layout import ADAPTER_DIR, adapter_dir, has_adapter, hydra_overrides, read_adapter_config
 from loralab.lora import LoRAConfig
@@ -40,15 +41,20 @@ def load_finetuned(run_dir: str | Path) -> tuple[GPT, LoRAConfig, dict]:
         model = load_recorded_base(meta["base"])
     except BaseError as e:
         raise BaseError(f"{e}. {how_to_rebuild(run_dir, meta['base'])}") from None
-    return model, load_adapter(model, adapter_dir(run_dir)), meta
+    config = load_adapter_files(model, adapter_dir(run_dir))
+    non_finite = non_finite_weights(model)
+    if non_finite:
+        raise AdapterFileError(f"{adapter_dir(run_dir)} holds NaN or inf weights ({non_finite[0]} and "
+                               f"{len(non_finite) - 1} more): a diverged run has nothing to export")
+    return model, config, meta
 
 
 def how_to_rebuild(run_dir: Path, base: dict) -> str:
     if base["source"] != "cache":
         return "Put that file back where it was (the run loaded it from there)."
-    overrides = hydra_overrides(run_dir) or []
-    return ("Pretraining is deterministic: running `python train.py " + " ".join(overrides) +
-            f"` from the directory that holds {Path(base['path']).parent} pretrains the same base again")
+    command = shlex.join(["python", "train.py", *(hydra_overrides(run_dir) or [])])
+    return (f"Pretraining is deterministic: running `{command}` from the directory that holds "
+            f"{shlex.quote(str(Path(base['path']).parent))} pretrains the same base again")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,8 +69,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         model, config, meta = load_finetuned(args.run_dir)
-    except (FileNotFoundError, BaseError) as e:
-        sys.exit(f"error: {e}")
+    except (FileNotFoundError, BaseError, AdapterFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)  # the run's files are not what export needs: nothing was written
     try:
         if args.peft:
             base_path = meta["base"]["path"] if meta["base"]["source"] == "gpt2" else None

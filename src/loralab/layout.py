@@ -108,9 +108,18 @@ def adapter_dir(run_dir: str | Path) -> Path:
 
 
 def read_adapter_config(run_dir: str | Path) -> dict:
-    from loralab.adapters import ADAPTER_CONFIG  # here: importing it imports torch
+    """The run's adapter_config.json; AdapterFileError naming it when it is not JSON or
+    holds no ``lora`` section."""
+    from loralab.adapters import ADAPTER_CONFIG, AdapterFileError  # here: importing it imports torch
 
-    return json.loads((adapter_dir(run_dir) / ADAPTER_CONFIG).read_text())
+    path = adapter_dir(run_dir) / ADAPTER_CONFIG
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterFileError(f"{path} cannot be read: {type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("lora"), dict):
+        raise AdapterFileError(f"{path} is not an adapter config: it holds no \"lora\" section")
+    return meta
 
 
 def has_adapter(run_dir: str | Path) -> bool:

@@ -17,7 +17,8 @@ from loralab.layout import RANK_KEY, SEED_KEY, setting_label
 from loralab.tuning import TunedSetting
 
 if TYPE_CHECKING:
-    from loralab.report import Run, Setting
+    from loralab.report import Run
+    from loralab.seed_stats import Setting
 
 
 @dataclass

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from loralab import stats
-from loralab.layout import SEED_KEY
+from loralab.layout import SEED_KEY, setting_label
 
 TUNE_KEY = "optim.lr"  # tuned by default whenever a sweep varies it
 TUNED_COLUMNS = ["setting", "lr", "n", "val_loss_mean", "test_loss_mean", "test_loss_ci_low", "test_loss_ci_high"]
@@ -82,7 +82,7 @@ def tune(runs: list, key: str = TUNE_KEY) -> list[TunedSetting]:
     keys: dict[str, dict[str, str]] = {}
     for run in runs:
         own = {k: override.split("=", 1)[1] for k, override in run.swept.items() if k not in (key, SEED_KEY)}
-        name = ",".join(run.swept[k] for k in own) or "all runs"
+        name = setting_label(run.swept, (key, SEED_KEY)) or "all runs"
         lr = float(run.swept[key].split("=", 1)[1]) if key in run.swept else None
         keys.setdefault(name, own)
         groups.setdefault(name, {}).setdefault(lr, LrPoint(lr)).runs.append(run)
