@@ -28,8 +28,9 @@ from loralab.overrides import param_keys, parse_overrides, varying_keys, without
 SUMMARY = "summary.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
-HYDRA_CONFIG = ".hydra/config.yaml"
-HYDRA_OVERRIDES = ".hydra/overrides.yaml"
+HYDRA_DIR = ".hydra"
+HYDRA_CONFIG = f"{HYDRA_DIR}/config.yaml"
+HYDRA_OVERRIDES = f"{HYDRA_DIR}/overrides.yaml"
 MULTIRUN_YAML = "multirun.yaml"  # Hydra's sweepers write it into the sweep directory before any job starts
 
 RANK_KEY, SEED_KEY = "lora.rank", "seed"
@@ -105,6 +106,14 @@ def hydra_config(run_dir: str | Path):
 
 def adapter_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / ADAPTER_DIR
+
+
+def in_run_files(path: str | Path, run_dir: str | Path) -> bool:
+    """Whether ``path`` is the run directory itself or inside the files the run wrote
+    (adapter/, checkpoints/, .hydra/): no tool writes there but the run."""
+    path, run_dir = Path(path).resolve(), Path(run_dir).resolve()
+    own = [run_dir / name for name in (ADAPTER_DIR, CHECKPOINTS_DIR, HYDRA_DIR)]
+    return path == run_dir or any(path == d or d in path.parents for d in own)
 
 
 def read_adapter_config(run_dir: str | Path) -> dict:
