@@ -15,7 +15,9 @@ through this module. Importing it is fast: no torch, no Lightning.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -33,12 +35,37 @@ HYDRA_CONFIG = f"{HYDRA_DIR}/config.yaml"
 HYDRA_OVERRIDES = f"{HYDRA_DIR}/overrides.yaml"
 MULTIRUN_YAML = "multirun.yaml"  # Hydra's sweepers write it into the sweep directory before any job starts
 
+WRITER_LOCK = ".loralab.lock"  # flock'ed by the one process that writes the run or sweep directory
+
 RANK_KEY, SEED_KEY = "lora.rank", "seed"
 FINISHED = ("completed", "diverged")  # a run with one of these results is never run again
 
 
 class RunDirError(ValueError):
     """A file of a run directory cannot be read: the message names the file and why."""
+
+
+# --- one writer ----------------------------------------------------------------------
+
+_held_locks: dict[Path, int] = {}  # directory -> the open lock file: held until this process ends
+
+
+def hold_writer_lock(directory: str | Path) -> None:
+    """Make this process the one writer of ``directory`` until it ends; RunDirError when another
+    process is. The lock is the kernel's (flock): it dies with its process, so a stale lock
+    file never blocks."""
+    directory = Path(directory).resolve()
+    if directory in _held_locks:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirError(f"{directory} is being written by another process: wait for it to end, "
+                          "or choose another directory") from None
+    _held_locks[directory] = fd
 
 
 # --- one run -------------------------------------------------------------------------

@@ -23,7 +23,15 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from loralab.exits import EXIT_CONFIG
-from loralab.layout import HYDRA_CONFIG, RunDirError, finished_summary, hydra_config, hydra_overrides, job_dirs
+from loralab.layout import (
+    HYDRA_CONFIG,
+    RunDirError,
+    finished_summary,
+    hold_writer_lock,
+    hydra_config,
+    hydra_overrides,
+    job_dirs,
+)
 from loralab.overrides import without_resume
 
 # what says how a run is started or recorded, not what it computes: resume may change these
@@ -39,6 +47,7 @@ def jobs_to_run(sweep_dir: Path, jobs: list[list[str]], targets: list[Path], res
     """The numbers of the jobs to launch (``jobs[i]`` runs in ``targets[i]``); SweepDirError,
     one line, when the directory holds results this sweep may not go on with, or a damaged file."""
     try:
+        hold_writer_lock(sweep_dir)
         return unfinished_jobs(sweep_dir, jobs, targets, resume)
     except RunDirError as e:
         raise SweepDirError(str(e)) from None
@@ -63,8 +72,13 @@ def unfinished_jobs(sweep_dir: Path, jobs: list[list[str]], targets: list[Path],
 
 
 def check_run_dir(run_dir: Path, config, resume: bool) -> None:
-    """SweepDirError, one line, when a single run may not write into ``run_dir``: it holds a
-    finished run (and no ``resume=true``), a damaged summary, or a run that ``config`` is not."""
+    """SweepDirError, one line, when a single run may not write into ``run_dir``: another process
+    writes it, it holds a finished run (and no ``resume=true``), a damaged summary, or a run
+    that ``config`` is not. Otherwise this process holds its writer lock from now on."""
+    try:
+        hold_writer_lock(run_dir)
+    except RunDirError as e:
+        raise SweepDirError(str(e)) from None
     try:
         finished = finished_summary(run_dir)
         saved = hydra_config(run_dir) if resume and (run_dir / HYDRA_CONFIG).is_file() else None
