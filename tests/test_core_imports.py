@@ -4,8 +4,8 @@ layer and its adapters, the models, quantization and the analyses into their own
 import subprocess
 import sys
 
-CORE = ["loralab.lora", "loralab.adapters", "loralab.surgery", "loralab.model", "loralab.vit", "loralab.quant",
-        "loralab.analysis", "loralab.schedule", "loralab.variants"]
+CORE = ["loralab.lora", "loralab.lora_config", "loralab.variants", "loralab.adapters", "loralab.surgery",
+        "loralab.model", "loralab.vit", "loralab.quant", "loralab.analysis", "loralab.schedule"]
 FRAMEWORK = ["pytorch_lightning", "lightning", "lightning_fabric", "hydra", "omegaconf", "wandb", "torchmetrics"]
 
 

@@ -27,5 +27,11 @@ def test_savings_benchmark_writes_every_ratio(tmp_path):
     # r·(in + out) for q_proj and v_proj in each of the tiny model's 2 layers, at rank 8
     assert train["lora"]["trainable"] == train["qlora_nf4"]["trainable"] == 2 * 2 * 8 * (64 + 64)
     assert train["full"]["trainable"] == results["spec"]["params"]
+    # DoRA adds one magnitude per output of each adapted layer; PiSSA only changes the init
+    assert train["dora"]["trainable"] == train["lora"]["trainable"] + 2 * 2 * 64
+    assert train["pissa"]["trainable"] == train["lora"]["trainable"]
+    if "peft_dora" in train:  # the same parameters as PEFT's own variants
+        assert train["peft_dora"]["trainable"] == train["dora"]["trainable"]
+        assert train["peft_pissa"]["trainable"] == train["pissa"]["trainable"]
     assert ratios["nf4_vs_fp32_weight_bytes"] <= 0.3
     assert ratios["adapter_vs_full_bytes"] < 0.1  # 4,096 adapter parameters against 120,576

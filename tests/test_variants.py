@@ -22,10 +22,9 @@ from loralab.lora import (
     inject_lora,
     lora_layers,
     merge_lora,
-    pissa_factors,
     unmerge_lora,
 )
-from loralab.variants import lora_plus_param_groups
+from loralab.variants import lora_plus_param_groups, pissa_factors
 from test_lora import tiny_gpt, tokens
 
 from conftest import compose
@@ -271,3 +270,46 @@ def test_adapter_analysis_reads_the_effective_update_of_each_variant():
             assert math.isclose(row["weight_norm"], layer.original_weight().double().norm().item(), rel_tol=1e-6)
         if config.init == "pissa":  # s·(B A − B₀ A₀) has rank at most 2r
             assert all(row["rank"] <= 4 for row in rows)
+
+
+def test_saved_variant_adapters_analyze_as_the_live_model(tmp_path):
+    """loralab.analyze reads adapters from disk: the effective update there equals the live layer's."""
+    from safetensors.torch import load_file
+
+    from loralab.analysis import analyze_adapter, analyze_model
+
+    for config in (LoRAConfig(rank=2, dora=True), LoRAConfig(rank=2, init="pissa")):
+        base = tiny_gpt()
+        model = copy.deepcopy(base)
+        inject_lora(model, config)
+        randomize(model)
+        save_adapter(model, config, tmp_path / config.init)
+        saved = analyze_adapter(load_file(tmp_path / config.init / "adapter.safetensors"), config.scale,
+                                base.state_dict())
+        for row, live in zip(saved, analyze_model(model)):
+            for key in ("delta_w_norm", "weight_norm", "amplification"):
+                assert math.isclose(row[key], live[key], rel_tol=1e-4), (config, key, row[key], live[key])
+
+
+@pytest.mark.slow
+def test_a_killed_variant_run_resumed_equals_an_uninterrupted_one(tmp_path, base_cache):
+    """DoRA's magnitude and LoRA+'s groups in the checkpoint, PiSSA's residual rebuilt from
+    the base: a resumed run ends with the same metrics and the same adapter file."""
+    from test_resume import RESUMABLE, TIMINGS, kill_at_first_checkpoint, start_train
+
+    from conftest import read_summary, run_train
+
+    args = [*RESUMABLE, f"paths.cache_dir={base_cache}", "logger=none", "lora.dora=true", "lora.init=pissa",
+            "optim.lora_plus_ratio=16"]
+    run_train([*args, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path)
+    killed = tmp_path / "killed"
+    assert kill_at_first_checkpoint(start_train([*args, f"hydra.run.dir={killed}"], tmp_path),
+                                    killed / "checkpoints/last.ckpt") == 6
+    run_train([*args, f"hydra.run.dir={killed}", "resume=true"], cwd=tmp_path)
+    whole, resumed = read_summary(tmp_path / "whole"), read_summary(killed)
+    assert resumed["status"] == whole["status"] == "completed"
+    assert {k: v for k, v in resumed["metrics"].items() if k not in TIMINGS} == \
+           {k: v for k, v in whole["metrics"].items() if k not in TIMINGS}
+    assert whole["metrics"]["lora/merge_max_abs_diff"] < 1e-4  # the merge check ran on the variant
+    adapter = "adapter/adapter.safetensors"
+    assert (killed / adapter).read_bytes() == (tmp_path / "whole" / adapter).read_bytes()

@@ -129,16 +129,34 @@ def analyze_model(model: nn.Module) -> list[dict]:
 
 def analyze_adapter(tensors: dict[str, torch.Tensor], scale: float,
                     base_weights: dict[str, torch.Tensor] | None = None) -> list[dict]:
-    """``analyze_model`` from a saved adapter's tensors (``<module>.lora_A`` / ``.lora_B``) and,
-    if given, the base model's state dict (``<module>.weight``)."""
+    """``analyze_model`` from a saved adapter's tensors (``<module>.lora_A`` / ``.lora_B``, and
+    DoRA's / PiSSA's own) and, if given, the base model's state dict (``<module>.weight``)."""
     names = sorted(key.removesuffix(".lora_A") for key in tensors if key.endswith(".lora_A"))
     if base_weights is not None:
         missing = [name for name in names if f"{name}.weight" not in base_weights]
         if missing:
             raise ValueError(f"the base weights do not fit this adapter: no weight for {missing[:5]}")
-    return [{"layer": name, **analyze_update(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], scale,
-                                             None if base_weights is None else base_weights[f"{name}.weight"])}
+    return [{"layer": name, **saved_update(tensors, name, scale,
+                                           None if base_weights is None else base_weights[f"{name}.weight"])}
             for name in names]
+
+
+def saved_update(tensors: dict[str, torch.Tensor], name: str, scale: float, weight: torch.Tensor | None) -> dict:
+    """``analyze_update`` of the effective update a saved adapter makes to layer ``name``'s original W."""
+    A, B = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+    if f"{name}.lora_A_init" in tensors:  # PiSSA: s·(B A − B₀ A₀), of rank up to 2r (less when A = A₀)
+        delta = scale * (B.double() @ A.double() - tensors[f"{name}.lora_B_init"].double()
+                         @ tensors[f"{name}.lora_A_init"].double())
+        return analyze_svd(*delta_svd(delta), scale, weight)
+    if f"{name}.lora_magnitude" not in tensors:
+        return analyze_update(A, B, scale, weight)
+    if weight is None:
+        raise ValueError(f"the DoRA update of {name!r} depends on the base weight W, which is not available: "
+                         f"analyze it with its base")
+    W = weight.detach().cpu().double()  # (out, in)
+    merged = W + scale * B.double() @ A.double()
+    delta = merged * (tensors[f"{name}.lora_magnitude"].double() / merged.norm(dim=1))[:, None] - W
+    return analyze_svd(*delta_svd(delta), scale, W)
 
 
 def layer_means(rows: list[dict]) -> dict[str, float]:

@@ -11,93 +11,31 @@ LoRA", 2023). As in ``loralib``, the ``lora_`` prefix *is* the adapter API:
 freezing, the adapter state dict and saving all key off it.
 
 QLoRA (Dettmers et al. 2023, §3) keeps the frozen base quantized (``loralab.quant``)
-and the adapters in float32: ``LoRAConfig(quantize="nf4")``.
+and the adapters in float32: ``LoRAConfig(quantize="nf4")``. DoRA and PiSSA change the
+update and its start (``LoRAConfig(dora=True)``, ``init="pissa"``; ``loralab.variants``).
+Many adapters on one base and saving them: ``loralab.adapters``.
 
-This module depends on torch (and safetensors for saving) only.
+This module depends on torch only.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loralab.quant import METHODS as QUANTIZE_METHODS
+from loralab.lora_config import ALL_LINEAR, LoRAConfig, lora_scale
 from loralab.quant import QuantizedLinear, quantization, quantize_linears, quantized_layers
 from loralab.surgery import replace_module, tied_weights
+from loralab.variants import direction_norm, dora_output, pissa_factors
 
-SCALINGS = ("standard", "rslora")
-INITS = ("kaiming", "gaussian", "pissa")
-ALL_LINEAR = "all-linear"
 OUTPUT_HEAD = "lm_head"  # never adapted by `all-linear`, as in PEFT
 DEFAULT_ADAPTER = "default"  # the name inject_lora gives, as in PEFT
-
-
-@dataclass
-class LoRAConfig:
-    """What to adapt and how.
-
-    ``target_modules`` is a list of leaf names (``["q_proj", "v_proj"]``), a
-    regular expression matched against full module names (``r".*\\.h\\.0\\..*"``),
-    or ``"all-linear"`` (every ``nn.Linear`` except ``lm_head``). ``quantize`` (``int8`` or
-    ``nf4``) stores the frozen base's Linears quantized (QLoRA; see ``loralab.quant``).
-    ``modules_to_save`` (PEFT's name) are modules trained in full beside the adapters, by
-    leaf name (a new classification ``head``); their weights are saved with the adapter.
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    scaling: str = "standard"
-    init: str = "kaiming"
-    quantize: str = "none"
-    modules_to_save: list[str] = field(default_factory=list)
-    dora: bool = False
-
-    def __post_init__(self):
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        self.modules_to_save = list(self.modules_to_save)
-        _require_field(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                       "rank", self.rank, "a positive integer")
-        _require_field(isinstance(self.alpha, (int, float)) and 0 < self.alpha < math.inf, "alpha", self.alpha,
-                       "a finite number > 0")
-        _require_field(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
-                       "dropout", self.dropout, "a number in [0, 1)")
-        _require_field(bool(self.target_modules), "target_modules", self.target_modules,
-                       "a non-empty list of module names, a regular expression, or 'all-linear'")
-        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                raise ValueError(f"LoRA target_modules={self.target_modules!r} is not a valid regular expression: "
-                                 f"{e}") from None
-        _require_field(self.scaling in SCALINGS, "scaling", self.scaling, f"one of {list(SCALINGS)}")
-        _require_field(self.init in INITS, "init", self.init, f"one of {list(INITS)}")
-        _require_field(self.quantize in QUANTIZE_METHODS, "quantize", self.quantize,
-                       f"one of {list(QUANTIZE_METHODS)}")
-        _require_field(isinstance(self.dora, bool), "dora", self.dora, "true or false")
-        _require_field(self.init != "pissa" or self.quantize == "none", "init", self.init,
-                       f"kaiming or gaussian with quantize={self.quantize!r} (PiSSA's SVD needs the float base)")
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.alpha, self.rank, self.scaling)
-
-
-def _require_field(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"LoRA {name}={value!r} is invalid: expected {allowed}")
-
-
-def lora_scale(alpha: float, rank: int, scaling: str = "standard") -> float:
-    """alpha / r (LoRA §4.1) or alpha / sqrt(r) (rsLoRA)."""
-    return alpha / math.sqrt(rank) if scaling == "rslora" else alpha / rank
+TRAINED = ("lora_A", "lora_B", "lora_magnitude")  # an adapter's parameters (lora_magnitude: DoRA only)
+FROZEN = ("lora_A_init", "lora_B_init")  # PiSSA only
 
 
 class LoRAAdapter(nn.Module):
@@ -130,17 +68,6 @@ class LoRAAdapter(nn.Module):
         dropout_layer = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         return cls(rank, alpha, scaling, dropout_layer, lora_A=lora_A, lora_B=lora_B)
 
-
-TRAINED = ("lora_A", "lora_B", "lora_magnitude")  # an adapter's parameters (lora_magnitude: DoRA only)
-FROZEN = ("lora_A_init", "lora_B_init")  # PiSSA only
-
-
-def pissa_factors(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PiSSA (Meng et al. 2024, §3): W = U S Vᵀ, A = √(S_r/scale) V_rᵀ (r × in) and
-    B = U_r √(S_r/scale) (out × r), so scale · B A is W's best rank-r approximation."""
-    U, S, Vh = torch.linalg.svd(weight, full_matrices=False)  # (out, k), (k,), (k, in)
-    root = (S[:rank] / scale).sqrt()  # (r,)
-    return root[:, None] * Vh[:rank], U[:, :rank] * root  # (r, in), (out, r)
 
 
 class LoRALinear(nn.Module):
@@ -282,24 +209,8 @@ class LoRALinear(nn.Module):
         # (x Aᵀ) Bᵀ: never materialise the (out × in) product B A in training
         lora = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., out)
         if self.lora_magnitude is not None:
-            return self._dora(x, result, lora)
+            return dora_output(self, x, result, lora)
         return (result + self.scale * lora).to(result.dtype)
-
-    def _dora(self, x: torch.Tensor, result: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
-        """DoRA (Liu et al. 2024, eq. 5): (m / ‖W + scale·B A‖) ⊙ (W x + scale·B A x) + b, the
-        norm per output taken as a constant for the gradient (§4.3), as PEFT computes it."""
-        weight = self.base_weight().to(lora.dtype)
-        factor = self.lora_magnitude / self._direction_norm(weight)  # (out,)
-        if isinstance(self.lora_dropout, nn.Identity):  # W x is in result already
-            base = result.to(lora.dtype) - (self.bias.to(lora.dtype) if self.bias is not None else 0)
-        else:  # PEFT's choice: the magnitude rescales W on the dropped-out input too
-            base = F.linear(x, weight)  # (..., out)
-        return (result + (factor - 1) * base + factor * self.scale * lora).to(result.dtype)
-
-    @torch.no_grad()  # DoRA §4.3: detached, so this (out × in) product holds no graph
-    def _direction_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """‖W + scale · B A‖ per output (one row of W each): DoRA's column norm (out,)."""
-        return (weight + self.scale * self.lora_B @ self.lora_A).norm(dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         """scale · B A, shape (out, in), in the adapter's dtype (float32, or float64 for a float64 base)."""
@@ -350,7 +261,7 @@ class LoRALinear(nn.Module):
         if self.base_layer is not None:
             self.dequantize_base()
         if self.lora_magnitude is not None:  # unmerge needs the norm of the W it cannot see then
-            self.merged_norm = self._direction_norm(self.weight.to(self.lora_A.dtype))
+            self.merged_norm = direction_norm(self, self.weight.to(self.lora_A.dtype))
         self.weight.copy_(merged)
         self.merged = True
 

@@ -10,7 +10,8 @@ On one model shape (a ``conf/model`` preset; CUDA when present) it measures, aft
 warm-up, the median over steps of:
 
 - the training step (forward, backward, AdamW step) of full fine-tuning, LoRA,
-  QLoRA int8, QLoRA nf4 and PEFT's LoRA (when ``peft`` is installed), all in this
+  QLoRA int8, QLoRA nf4, DoRA, PiSSA and PEFT's LoRA, DoRA and PiSSA (when ``peft``
+  is installed), all in this
   process, one step of each mode per round, rounds rotating which mode goes
   first, so that a busy moment of a shared machine hits every mode alike;
 - the peak memory of each mode, in a fresh process per mode: what the mode adds
@@ -51,7 +52,9 @@ from loralab.quant import quantized_layers
 
 MODEL_PRESETS = Path(__file__).resolve().parents[2] / "conf" / "model"
 TARGETS = ["q_proj", "v_proj"]
-MODES = ("full", "lora", "qlora_int8", "qlora_nf4", "peft_lora")
+MODES = ("full", "lora", "qlora_int8", "qlora_nf4", "dora", "pissa", "peft_lora", "peft_dora", "peft_pissa")
+VARIANTS = {"lora": {}, "dora": {"dora": True}, "pissa": {"init": "pissa"}}  # as LoRAConfig overrides
+PEFT_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"}}
 # (ratio, numerator, denominator, target: the ratio must be at most this, or None)
 RATIOS = [
     ("lora_vs_full_step", "train.lora.step_s", "train.full.step_s", None),
@@ -60,6 +63,13 @@ RATIOS = [
     ("qlora_int8_vs_lora_peak_mem", "train.qlora_int8.peak_mem_mb", "train.lora.peak_mem_mb", None),
     ("qlora_nf4_vs_lora_peak_mem", "train.qlora_nf4.peak_mem_mb", "train.lora.peak_mem_mb", None),
     ("qlora_nf4_vs_lora_step", "train.qlora_nf4.step_s", "train.lora.step_s", None),
+    ("dora_vs_lora_step", "train.dora.step_s", "train.lora.step_s", None),
+    ("ours_vs_peft_dora_step", "train.dora.step_s", "train.peft_dora.step_s", None),
+    ("dora_vs_lora_peak_mem", "train.dora.peak_mem_mb", "train.lora.peak_mem_mb", None),
+    ("ours_vs_peft_dora_peak_mem", "train.dora.peak_mem_mb", "train.peft_dora.peak_mem_mb", None),
+    ("pissa_vs_lora_step", "train.pissa.step_s", "train.lora.step_s", None),
+    ("ours_vs_peft_pissa_step", "train.pissa.step_s", "train.peft_pissa.step_s", None),
+    ("pissa_vs_lora_peak_mem", "train.pissa.peak_mem_mb", "train.lora.peak_mem_mb", None),
     ("unmerged_vs_base_forward", "forward.lora_unmerged_s", "forward.base_s", None),
     ("merged_vs_base_forward", "forward.lora_merged_s", "forward.base_s", 1.02),
     ("kv_cache_speedup", "generate.cached_tokens_per_s", "generate.uncached_tokens_per_s", None),
@@ -134,13 +144,17 @@ def set_mmap_threshold(nbytes: int) -> None:
 def build(mode: str, config: GPTConfig, rank: int, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    if mode == "peft_lora":
+    if mode.startswith("peft_"):
         import peft  # imported before the memory baseline by measure_memory
 
-        return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
-    if mode != "full":
-        quantize = mode.removeprefix("qlora_") if mode.startswith("qlora_") else "none"
-        inject_lora(model, LoRAConfig(rank=rank, alpha=2 * rank, target_modules=TARGETS, quantize=quantize))
+        variant = PEFT_VARIANTS[mode.removeprefix("peft_")]
+        return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                                                          **variant))
+    if mode.startswith("qlora_"):
+        inject_lora(model, LoRAConfig(rank=rank, alpha=2 * rank, target_modules=TARGETS,
+                                      quantize=mode.removeprefix("qlora_")))
+    elif mode != "full":
+        inject_lora(model, LoRAConfig(rank=rank, alpha=2 * rank, target_modules=TARGETS, **VARIANTS[mode]))
     return model
 
 
@@ -171,7 +185,7 @@ def measure_memory(mode: str, spec: dict) -> dict:
     device = torch.device(spec["device"])
     if device.type == "cpu":
         set_mmap_threshold(2**20)  # freed tensors leave the resident set
-    if mode == "peft_lora":
+    if mode.startswith("peft_"):
         import peft  # noqa: F401  (its import is not the adapter's memory)
     tiny = GPT(GPTConfig(vocab_size=256, block_size=spec["seq"], n_layer=1, n_head=1, n_embd=8)).to(device)
     training_step(tiny, spec, device)()  # torch loads code on first use (autograd, AdamW): no mode's cost
@@ -326,7 +340,7 @@ def main(argv=None) -> None:
     spec = {"model": args.model, "config": vars(config), "device": str(device), "batch": args.batch,
             "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "rank": args.rank, "threads": args.threads,
             "new_tokens": args.new_tokens, "prompt": args.prompt}
-    modes = [m for m in MODES if m != "peft_lora" or _peft_installed()]
+    modes = [m for m in MODES if not m.startswith("peft_") or _peft_installed()]
     memory = {mode: memory_in_fresh_process(mode, spec) for mode in modes}
     steps = measure_steps(modes, config, spec, device)
     results = {"spec": spec, "train": {mode: memory[mode] | steps[mode] for mode in modes}}
