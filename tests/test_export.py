@@ -106,3 +106,18 @@ def test_the_rebuild_hint_quotes_paths_and_overrides_for_the_shell(tmp_path):
     command = hint.split("`")[1]
     assert shlex.split(command) == ["python", "train.py", "data.train_path=my notes.txt", "seed=1"]
     assert shlex.quote(str(cache)) in hint and shlex.quote(str(cache)) != str(cache)
+
+
+@pytest.mark.parametrize("inside", ["adapter", ".", "checkpoints/x", ".hydra"])
+def test_export_never_writes_into_the_runs_own_files(run_dir, capsys, inside):
+    from loralab.export import main
+
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as ended:
+        main([str(run_dir), "--peft", str(run_dir / inside)])
+    assert ended.value.code == 2 and "is inside the run's own files" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_export_may_write_beside_the_runs_own_files(run_dir, capsys):
+    assert export(run_dir, run_dir / "merged", capsys) == (0, "")

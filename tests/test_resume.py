@@ -252,3 +252,64 @@ def test_a_killed_pretraining_goes_on_to_the_same_base(tmp_path, base_cache):
     # so its bytes differ between two processes that save the same weights)
     assert load_base(cache / reference.name)[1] == load_base(reference)[1]
     assert not (cache / reference.with_suffix(".ckpt-dir").name).exists()
+
+
+@pytest.mark.slow
+def test_a_run_dir_is_continued_only_by_its_own_run_and_never_overwritten(tmp_path, base_cache):
+    run_dir = tmp_path / "run"
+    args = [*RESUMABLE, "logger=none", f"paths.cache_dir={base_cache}", f"hydra.run.dir={run_dir}"]
+    kill_at_first_checkpoint(start_train(args, tmp_path), run_dir / "checkpoints/last.ckpt")
+    before = tree_bytes(run_dir)
+
+    changed = run_train([*args, "trainer.max_steps=4", "lora.alpha=3", "resume=true"], cwd=tmp_path, check=False)
+    assert changed.returncode == EXIT_CONFIG
+    assert changed.stderr.strip().endswith("these keys differ: lora.alpha, trainer.max_steps")
+    assert tree_bytes(run_dir) == before  # not even Hydra's .hydra/ was rewritten
+
+    run_train([*args, "resume=true"], cwd=tmp_path)
+    finished = tree_bytes(run_dir)
+    again = run_train([*args, "lora.rank=4"], cwd=tmp_path, check=False)
+    assert again.returncode == EXIT_CONFIG and f"{run_dir} holds a completed run" in again.stderr
+    invalid = run_train([*args, "lora.rank=0"], cwd=tmp_path, check=False)
+    assert invalid.returncode == EXIT_CONFIG and tree_bytes(run_dir) == finished
+
+    (run_dir / "summary.json").write_text("{not json")
+    damaged = run_train([*args, "resume=true"], cwd=tmp_path, check=False)
+    assert damaged.returncode == EXIT_CONFIG and "Traceback" not in damaged.stderr
+    assert damaged.stderr.startswith(f"{run_dir / 'summary.json'}: JSONDecodeError")
+
+
+def test_a_directory_has_one_writer_and_a_dead_writers_lock_never_blocks(tmp_path):
+    from loralab.layout import RunDirError, hold_writer_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from loralab.layout import hold_writer_lock; "
+                               f"hold_writer_lock({str(tmp_path)!r}); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunDirError, match="is being written by another process"):
+            hold_writer_lock(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    hold_writer_lock(tmp_path)  # its lock file is still there; the kernel released the lock with its process
+
+
+@pytest.mark.slow
+def test_a_second_sweep_into_a_sweep_dir_being_written_is_refused(tmp_path, base_cache):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "lora.rank=2,4", *TINY, "trainer.max_steps=5000", "logger=none", f"paths.cache_dir={base_cache}",
+            f"hydra.sweep.dir={sweep}", "resume=true"]
+    first = start_train(args, tmp_path)
+    try:
+        deadline = time.time() + 300
+        while not (sweep / "0" / "checkpoints").is_dir():  # job 0 is training
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        second = run_train(args, cwd=tmp_path, check=False)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert second.returncode == EXIT_CONFIG
+    assert second.stderr.strip() == (f"{sweep.resolve()} is being written by another process: wait for it to end, "
+                                     "or choose another directory")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loralab.config import ConfigError, validate
-from loralab.exits import EXIT_CONFIG
+from loralab.exits import EXIT_CONFIG, EXIT_DIVERGED
 
 from conftest import TINY, compose, run_train
 from conftest import read_summary as summary
@@ -278,3 +278,33 @@ def test_bad_config_is_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     s = summary(tmp_path / "run")
     assert s["status"] == "failed" and "rank=-3" in s["error"]
+
+
+@pytest.mark.slow
+def test_diverging_learning_rates_end_as_diverged_not_as_a_crash(tmp_path, base_cache):
+    """An lr sweep that blows up: the adapters hold NaN or inf after training, and nothing after
+    training (adapter analysis, merge check, summary) may crash on them."""
+    sweep = tmp_path / "sweep"
+    result = run_train(["-m", "optim.lr=1e4,1e8", *TINY, "trainer.max_steps=6", "logger=none",
+                        f"paths.cache_dir={base_cache}", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, check=False)
+    assert result.returncode == EXIT_DIVERGED, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert [summary(sweep / job)["status"] for job in ("0", "1")] == ["diverged", "diverged"]
+
+
+@pytest.mark.parametrize("override, section, key_value", [
+    ("data.batch_size=100000", "data", "data.batch_size=100000"),
+    ("data.max_bytes=2000", "data", "data.batch_size=16"),
+    ("base.batch_size=100000", "base", "base.batch_size=100000"),
+])
+def test_a_train_split_smaller_than_one_batch_is_refused_before_any_work(tmp_path, override, section, key_value):
+    from loralab.data import TextDataModule
+
+    cfg = compose([override, f"paths.output_dir={tmp_path}"])
+    node = cfg[section]
+    windows = len(TextDataModule(corpus=node.corpus, block_size=cfg.model.block_size, max_bytes=node.max_bytes,
+                                 val_fraction=node.val_fraction, test_fraction=node.get("test_fraction") or 0.0,
+                                 batch_size=node.batch_size).train_set)  # what training would draw batches from
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert f"{key_value} is invalid: expected at most the {windows} windows" in str(error.value)

@@ -185,8 +185,8 @@ class AdapterAnalysis(pl.Callback):
 
         from loralab.analysis import analyze_model, layer_means
 
-        if not lora_layers(pl_module.model):
-            return
+        if not lora_layers(pl_module.model) or not all_finite(pl_module):
+            return  # a diverged run's adapters hold NaN or inf: they have no spectrum (its status says why)
         self.layers = analyze_model(pl_module.model)
         self.metrics = layer_means(self.layers)
         log_to_loggers(trainer, self.metrics)
@@ -195,3 +195,8 @@ class AdapterAnalysis(pl.Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_table("analysis/layers", columns=columns,
                                  data=[[row[name] for name in columns] for row in self.layers])
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    """Whether every trainable weight is a number (a diverged run's are NaN or inf)."""
+    return all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad)

@@ -246,6 +246,7 @@ def check_splits_hold_a_block(node: DictConfig, section: str, problems: Problems
         counts["test"] = tokenizer.count(splits.test)
     short = [split for split, tokens in counts.items() if tokens < needed]
     if not short:
+        check_train_split_holds_a_batch(node, section, problems, (counts["train"] - 1) // block_size, needed)
         return
     cut_from_train = len(splits.train) + (0 if paths["val_path"] else len(splits.val) + len(splits.test))
     cut = node.max_bytes is not None and not paths["val_path"] and cut_from_train >= node.max_bytes
@@ -263,6 +264,15 @@ def check_splits_hold_a_block(node: DictConfig, section: str, problems: Problems
     problems.require(False, f"{section}.{key}", node[key],
                      f"text for at least one block of the model ({needed} tokens) in each split; it holds "
                      f"{held}{split_by}")
+
+
+def check_train_split_holds_a_batch(node: DictConfig, section: str, problems: Problems, windows: int,
+                                    needed: int) -> None:
+    """A training step takes one whole batch of windows (the loader drops a short last batch):
+    a train split of fewer windows than a batch would "train" for zero steps."""
+    problems.require(windows >= node.batch_size, f"{section}.batch_size", node.batch_size,
+                     f"at most the {windows} windows of {needed} tokens in {section}'s train split "
+                     f"(a smaller batch, or more text)")
 
 
 def check_training(cfg: DictConfig, problems: Problems) -> None:

@@ -4,8 +4,9 @@ Exit codes of ``python train.py`` (a script can tell the outcomes apart):
 
     0  completed: the run, or every job of the sweep
     1  failed: an error during a run (the traceback is printed; for a checkpoint that cannot
-       be read safely, one line naming it)
-    2  invalid config: its problems, one line each and nothing else (no run started)
+       be read safely, one line naming it), or it trained another number of steps than asked
+    2  invalid config: its problems, one line each and nothing else (no run started); or a
+       run directory it may not write into (``loralab.resume``)
     3  diverged: the loss became NaN or inf (in a sweep: no job failed, at least one diverged)
 
 Hydra prints an error as a header, the message, and a hint about HYDRA_FULL_ERROR;
@@ -121,8 +122,9 @@ class ExitCode(Callback):
                 sys.exit(EXIT_CONFIG)
             sys.stderr.write(job_error(error))
             sys.exit(EXIT_FAILED)
-        if run_status(output_dir(job_return)) == "diverged":
-            sys.exit(EXIT_DIVERGED)
+        code = STATUS_EXIT.get(run_status(output_dir(job_return)))
+        if code:  # diverged, or failed without an exception (it trained fewer steps than asked)
+            sys.exit(code)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         """Hydra calls this only when no job raised: what is left to say is divergence."""

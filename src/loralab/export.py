@@ -23,7 +23,7 @@ from pathlib import Path
 
 from loralab.adapters import ADAPTER_CONFIG, AdapterFileError, load_adapter_files, non_finite_weights
 from loralab.base import BaseError, load_recorded_base
-from loralab.layout import ADAPTER_DIR, adapter_dir, has_adapter, hydra_overrides, read_adapter_config
+from loralab.layout import ADAPTER_DIR, adapter_dir, has_adapter, hydra_overrides, in_run_files, read_adapter_config
 from loralab.lora import LoRAConfig
 from loralab.model import GPT
 
@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     target.add_argument("--peft", metavar="OUT_DIR", help="write a PEFT adapter for Hugging Face's GPT-2")
     target.add_argument("--merged", metavar="OUT_DIR", help="write a merged GPT-2 checkpoint for transformers")
     args = parser.parse_args(argv)
+    out_dir = args.peft or args.merged
+    if in_run_files(out_dir, args.run_dir):  # PEFT's adapter_config.json would replace the run's own
+        print(f"error: {out_dir} is inside the run's own files: export into another directory "
+              f"(e.g. {Path(args.run_dir) / 'peft'})", file=sys.stderr)
+        sys.exit(2)
     from loralab.gpt2 import save_merged_gpt2
     from loralab.peft_adapter import export_peft_adapter
 

@@ -15,7 +15,9 @@ through this module. Importing it is fast: no torch, no Lightning.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -28,9 +30,12 @@ from loralab.overrides import param_keys, parse_overrides, varying_keys, without
 SUMMARY = "summary.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
-HYDRA_CONFIG = ".hydra/config.yaml"
-HYDRA_OVERRIDES = ".hydra/overrides.yaml"
+HYDRA_DIR = ".hydra"
+HYDRA_CONFIG = f"{HYDRA_DIR}/config.yaml"
+HYDRA_OVERRIDES = f"{HYDRA_DIR}/overrides.yaml"
 MULTIRUN_YAML = "multirun.yaml"  # Hydra's sweepers write it into the sweep directory before any job starts
+
+WRITER_LOCK = ".loralab.lock"  # flock'ed by the one process that writes the run or sweep directory
 
 RANK_KEY, SEED_KEY = "lora.rank", "seed"
 FINISHED = ("completed", "diverged")  # a run with one of these results is never run again
@@ -38,6 +43,29 @@ FINISHED = ("completed", "diverged")  # a run with one of these results is never
 
 class RunDirError(ValueError):
     """A file of a run directory cannot be read: the message names the file and why."""
+
+
+# --- one writer ----------------------------------------------------------------------
+
+_held_locks: dict[Path, int] = {}  # directory -> the open lock file: held until this process ends
+
+
+def hold_writer_lock(directory: str | Path) -> None:
+    """Make this process the one writer of ``directory`` until it ends; RunDirError when another
+    process is. The lock is the kernel's (flock): it dies with its process, so a stale lock
+    file never blocks."""
+    directory = Path(directory).resolve()
+    if directory in _held_locks:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirError(f"{directory} is being written by another process: wait for it to end, "
+                          "or choose another directory") from None
+    _held_locks[directory] = fd
 
 
 # --- one run -------------------------------------------------------------------------
@@ -105,6 +133,14 @@ def hydra_config(run_dir: str | Path):
 
 def adapter_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / ADAPTER_DIR
+
+
+def in_run_files(path: str | Path, run_dir: str | Path) -> bool:
+    """Whether ``path`` is the run directory itself or inside the files the run wrote
+    (adapter/, checkpoints/, .hydra/): no tool writes there but the run."""
+    path, run_dir = Path(path).resolve(), Path(run_dir).resolve()
+    own = [run_dir / name for name in (ADAPTER_DIR, CHECKPOINTS_DIR, HYDRA_DIR)]
+    return path == run_dir or any(path == d or d in path.parents for d in own)
 
 
 def read_adapter_config(run_dir: str | Path) -> dict:

@@ -193,7 +193,10 @@ def fit(cfg: DictConfig, model: GPT | ViT, data: SeededDataModule, identity: Run
         final = evaluate(trainer, module, data)
         held_out_metrics = held_out_summary(base_held_out, evaluate_held_out(trainer, module, held_out), held_out)
         log_to_loggers(trainer, held_out_metrics)
-        status = "diverged" if module.diverged or not math.isfinite(final["val/loss"]) else "completed"
+        # a run that stopped short, or resumed from a checkpoint past a lower max_steps, is not what was asked
+        off = None if trainer.global_step == max_steps else f"trained {trainer.global_step} steps of {max_steps} asked"
+        diverged = module.diverged or not math.isfinite(final["val/loss"])
+        status = "diverged" if diverged else "failed" if off else "completed"
         tuned = [v for _, v in history.history["val/loss"][1:]]  # the first entry is the base
         metrics = {
             "val/loss": final["val/loss"], "val/ppl": final["val/ppl"], "val/acc": final["val/acc"],
@@ -205,7 +208,7 @@ def fit(cfg: DictConfig, model: GPT | ViT, data: SeededDataModule, identity: Run
             **held_out_metrics, **count.metrics, **throughput.metrics, **merge_check.metrics, **replicas.metrics,
             **analysis.metrics,
         }
-        result = {"status": status, "job_type": job_type, "steps": trainer.global_step,
+        result = {"status": status, "error": off, "job_type": job_type, "steps": trainer.global_step,
                   "metrics": metrics, "history": history.history, "analysis": analysis.layers}
         if logger is not None and cfg.logger.kind == "wandb" and is_rank_zero():  # other ranks hold a dummy run
             logger.experiment.summary.update({**metrics, "status": status})
