@@ -29,6 +29,7 @@ from loralab.callbacks import (
     History,
     MergeCheck,
     ParameterCount,
+    Recorded,
     StepProgressBar,
     Throughput,
     log_to_loggers,
@@ -58,8 +59,9 @@ from loralab.vit import ViT
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> float:
-    """Fine-tune one run as ``cfg`` describes; return its best val/loss (+inf if it diverged)."""
+def train(cfg: DictConfig, packed: bool = False) -> float:
+    """Fine-tune one run as ``cfg`` describes; return its best val/loss (+inf if it diverged).
+    ``packed``: the run was trained in a pack (``loralab.pack_sweep``), which left its checkpoint."""
     silence_known_noise()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,7 @@ def train(cfg: DictConfig) -> float:
                 log_adapter(logger, cfg, saved, base.sha256)
 
         result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim,
-                     checkpoint_dir=run_dir / CHECKPOINTS_DIR, resume=cfg.resume, held_out=held_out,
+                     checkpoint_dir=run_dir / CHECKPOINTS_DIR, resume=cfg.resume or packed, held_out=held_out,
                      on_completed=keep_adapter)
         summary.update(result)
         # +inf, not NaN, when it diverged: a search ranks it last (Optuna 2.10 refuses a NaN
@@ -165,9 +167,9 @@ def fit(cfg: DictConfig, model: GPT | ViT, data: SeededDataModule, identity: Run
     held_out = held_out or {}
     max_steps = max_steps or cfg.trainer.max_steps
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
-    replicas, analysis = ReplicaCheck(), AdapterAnalysis()
+    replicas, analysis, recorded = ReplicaCheck(), AdapterAnalysis(), Recorded()
     checkpoints = LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps)
-    callbacks = [count, throughput, replicas, merge_check, history, checkpoints, analysis]
+    callbacks = [count, throughput, replicas, merge_check, history, checkpoints, analysis, recorded]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(job_type))
     resume_from = last_checkpoint(checkpoint_dir) if resume else None
