@@ -28,8 +28,10 @@ from typing import Iterator
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from loralab.base_evals import BaseEvaluations, split_key
 from loralab.checkpoints import LAST, AtomicCheckpointIO, last_checkpoint
 from loralab.config import lora_config_of
 from loralab.data import ResumableLoader, tokenizer_of
@@ -154,7 +156,7 @@ def train_pack(configs: list[DictConfig], run_dirs: list[Path], resume: bool) ->
     from loralab.run import base_model  # the one way a base is found or pretrained
 
     cfg = configs[0]
-    model, _ = base_model(cfg, run_identity(cfg))
+    model, base = base_model(cfg, run_identity(cfg))
     device = device_of(cfg.trainer)
     model.to(device)
     kind = KINDS[cfg.model.kind]
@@ -165,7 +167,9 @@ def train_pack(configs: list[DictConfig], run_dirs: list[Path], resume: bool) ->
     if resume:
         for job in jobs:
             restore(pack, job, device)
-    base_val = whole_val(pack, jobs[0].name, data, device) if any(j.step == 0 for j in jobs) else None
+    if any(j.step == 0 for j in jobs):  # the base's, as every run on it reads it (a packed job computes its base)
+        base_val = BaseEvaluations(to_absolute_path(cfg.paths.cache_dir), base.sha256).get(
+            split_key("val", data.val_set, data.batch_size), lambda: whole_val(pack, jobs[0].name, data, device))
     for job in jobs:
         if job.step == 0:  # as the solo run's validation before training
             job.history["val/loss"] = [[0, base_val["val/loss"]]]
