@@ -14,7 +14,14 @@ import torch
 import yaml
 
 from loralab.config import ConfigError, validate
-from loralab.exits import EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILED, config_error_lines, sweep_exit_code
+from loralab.exits import (
+    EXIT_CONFIG,
+    EXIT_DIVERGED,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    config_error_lines,
+    sweep_exit_code,
+)
 
 from conftest import ROOT, TINY, compose, user_env
 from conftest import read_summary as summary
@@ -127,6 +134,8 @@ def test_a_sweep_exits_with_its_worst_outcome():
     assert sweep_exit_code(["completed", "completed"]) == 0
     assert sweep_exit_code(["completed", "diverged"]) == EXIT_DIVERGED
     assert sweep_exit_code(["diverged", "failed", "completed"]) == EXIT_FAILED
+    assert sweep_exit_code(["diverged", "interrupted"]) == EXIT_INTERRUPTED == 4  # resumable, not a result
+    assert sweep_exit_code(["interrupted", "failed"]) == EXIT_FAILED
     assert sweep_exit_code(["completed", None]) == EXIT_FAILED  # a summary that cannot be read
 
 

@@ -45,6 +45,14 @@ from loralab.console import silence_known_noise
 from loralab.data import SeededDataModule, tokenizer_of
 from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, run_only_this_job
 from loralab.gpt2 import load_gpt2
+from loralab.interrupts import (
+    INTERRUPTIONS,
+    Interrupted,
+    StopOnInterrupt,
+    catch_interrupts,
+    interruption,
+    stop_if_interrupted,
+)
 from loralab.layout import CHECKPOINTS_DIR, adapter_dir, finished_summary, write_summary
 from loralab.loggers import RunIdentity, finish_logger, log_adapter, make_logger, run_identity
 from loralab.lora import inject_lora
@@ -61,6 +69,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> float:
     """Fine-tune one run as ``cfg`` describes; return its best val/loss (+inf if it diverged)."""
     silence_known_noise()
+    catch_interrupts()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = run_identity(cfg)
@@ -73,6 +82,7 @@ def train(cfg: DictConfig) -> float:
     summary = {"status": "failed", "error": None, "name": identity.name, "overrides": identity.overrides,
                "setting_id": identity.setting_id}
     try:
+        stop_if_interrupted()  # a sweep's next job, after a signal
         validate(cfg)
         run_only_this_job(cfg.trainer)
         model, base = base_model(cfg, identity)
@@ -100,6 +110,10 @@ def train(cfg: DictConfig) -> float:
         # +inf, not NaN, when it diverged: a search ranks it last (Optuna 2.10 refuses a NaN
         # objective, and hydra-optuna-sweeper then stops the whole search)
         return summary["metrics"]["best/val_loss"] if summary["status"] == "completed" else math.inf
+    except INTERRUPTIONS:
+        summary["status"] = "interrupted"
+        summary["error"] = f"stopped by {interruption()}: resume=true continues it from its last checkpoint"
+        raise Interrupted() from None
     except Exception as e:
         summary["error"] = f"{type(e).__name__}: {e}"
         raise
@@ -167,7 +181,7 @@ def fit(cfg: DictConfig, model: GPT | ViT, data: SeededDataModule, identity: Run
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
     replicas, analysis = ReplicaCheck(), AdapterAnalysis()
     checkpoints = LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps)
-    callbacks = [count, throughput, replicas, merge_check, history, checkpoints, analysis]
+    callbacks = [StopOnInterrupt(), count, throughput, replicas, merge_check, history, checkpoints, analysis]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(job_type))
     resume_from = last_checkpoint(checkpoint_dir) if resume else None
