@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from loralab.adapters import load_adapter
+from loralab.lora import LoRAConfig, lora_layers
+from loralab.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,9 +67,12 @@ def user_env() -> dict:
     return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
-def run_train(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """``python train.py ARGS`` in a fresh process, as a user runs it."""
+def run_train(args: list[str], cwd: Path, check: bool = True, quiet_wandb: bool = True) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in a fresh process, as a user runs it (with W&B's console output
+    when ``quiet_wandb`` is False)."""
     env = {**user_env(), "HYDRA_FULL_ERROR": "0"}
+    if not quiet_wandb:
+        env.pop("WANDB_SILENT")
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
@@ -103,3 +112,47 @@ def compose(overrides: list[str]):
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)
+
+
+# --- tiny models for the unit tests of the torch-only core ---------------------------
+
+TINY_GPT = GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_gpt(seed=0, **overrides):
+    """A random GPT of ``TINY_GPT``'s sizes (``overrides`` change them)."""
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY_GPT.__dict__, **overrides}))
+
+
+def randomize_lora_B(model, seed=1):
+    """Give every adapter a non-zero B, so LoRA actually changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+def tokens(seed=0, batch=2, length=16):
+    """Random token ids for ``tiny_gpt``."""
+    return torch.randint(0, TINY_GPT.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, seed=0):
+    """``model``'s logits on ``tokens(seed)``, without gradients."""
+    with torch.no_grad():
+        return model(tokens(seed))[0]
+
+
+# "a" has scale 8/4 = 2, a power of two; "b" an rsLoRA scale 5/sqrt(2), and targets that overlap a's in part
+ADAPTER_CONFIGS = {"a": LoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "k_proj"]),
+                   "b": LoRAConfig(rank=2, alpha=5, target_modules=["q_proj", "fc_in"], scaling="rslora")}
+ADAPTER_SCALES = {"a": 8 / 4, "b": 5 / math.sqrt(2)}  # by hand
+
+
+def load_both(saved):
+    """A fresh ``tiny_gpt`` with every adapter of ``saved`` (name -> directory) loaded."""
+    model = tiny_gpt().eval()
+    for name, directory in saved.items():
+        load_adapter(model, directory, name=name)
+    return model

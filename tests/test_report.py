@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from loralab.overrides import varying_keys
 from loralab.report import write_report
@@ -331,3 +332,62 @@ def test_the_report_links_the_adapter_analysis_once_it_exists(tmp_path):
     (tmp_path / "analysis.md").write_text("# analysis\n")
     write_report(tmp_path)
     assert "[analysis.md](analysis.md)" in (tmp_path / "report.md").read_text()
+
+
+# --- the report survives its inputs ----------------------------------------------------
+
+
+def job_with_summary_text(sweep_dir: Path, job: str, overrides: list[str], summary_text: str | None) -> None:
+    """A job directory whose summary.json holds ``summary_text`` as it is (None: no summary)."""
+    (sweep_dir / job / ".hydra").mkdir(parents=True)
+    (sweep_dir / job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if summary_text is not None:
+        (sweep_dir / job / "summary.json").write_text(summary_text)
+
+
+def completed_summary(overrides: list[str], val_loss: float) -> str:
+    return json.dumps({"status": "completed", "error": None, "overrides": overrides, "wall_time_s": 1.0,
+                       "metrics": {"val/loss": val_loss, "best/val_loss": val_loss, "gain/val_loss": 0.1,
+                                   "params/trainable": 10},
+                       "history": {"train/loss": [[1, 3.0], [2, 2.0]], "val/loss": [[0, 3.0], [2, val_loss]]},
+                       "config": {"seed": 1, "lora": {"enabled": True, "rank": 2}}})
+
+
+def test_report_shows_unreadable_summaries_and_jobs_that_never_started(tmp_path):
+    import csv
+
+    from loralab.report import write_report
+
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    # the sweep `-m lora=default,full lora.rank=2,4`: full fine-tuning runs once, so 3 jobs
+    (sweep_dir / "multirun.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"overrides": {"task": ["lora=default,full", "lora.rank=2,4"]}, "sweeper": {"params": None}}}))
+    job_with_summary_text(sweep_dir, "0", ["lora=default", "lora.rank=2"],
+                          completed_summary(["lora=default", "lora.rank=2"], 2.5))
+    job_with_summary_text(sweep_dir, "1", ["lora=default", "lora.rank=4"], '{"status": "compl')  # cut off mid-write
+    write_report(sweep_dir)
+    rows = list(csv.DictReader((sweep_dir / "report.csv").open()))
+    assert [(r["job"], r["overrides"], r["status"]) for r in rows] == [
+        ("0", "lora=default,lora.rank=2", "completed"), ("1", "lora=default,lora.rank=4", "unreadable"),
+        ("2", "lora=full,lora.rank=2", "not started")]
+    assert rows[0]["val/loss"] == "2.5"
+    assert rows[1]["error"].startswith(f"unreadable: {sweep_dir / '1' / 'summary.json'}: JSONDecodeError")
+    assert "never started" in rows[2]["error"]
+
+
+@pytest.mark.parametrize("garbage", ["[1, 2]", '{"no": "status"}', '{"status": "completed", "metrics": 3}',
+                                     '{"status": "completed", "history": {"val/loss": [[0]]}}', "\x00\x01"])
+def test_any_garbage_summary_is_its_row_and_the_rest_of_the_report_is_built(tmp_path, garbage):
+    import csv
+
+    from loralab.report import write_report
+
+    job_with_summary_text(tmp_path, "0", ["lora.rank=2"], completed_summary(["lora.rank=2"], 2.5))
+    job_with_summary_text(tmp_path, "1", ["lora.rank=4"], garbage)
+    write_report(tmp_path)
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert [(r["overrides"], r["status"]) for r in rows] == [("lora.rank=2", "completed"),
+                                                             ("lora.rank=4", "unreadable")]
+    assert rows[1]["error"].startswith("unreadable: ")
+    assert (tmp_path / "loss_curves.png").is_file()  # the plots of the readable run were drawn
