@@ -48,7 +48,7 @@ from loralab.layout import (
     setting_label,
     swept_keys,
 )
-from loralab.lora import lora_scale
+from loralab.lora_config import lora_scale
 from loralab.overrides import swept_overrides
 
 # (row name in analysis.md, per-layer value of loralab.analysis)
