@@ -3,7 +3,7 @@
     python train.py                          # the default experiment
     python train.py -m lora.rank=4,8,16      # a sweep: one run per rank
 
-Exit codes: 0 completed, 1 failed, 2 invalid config, 3 diverged (loralab.exits).
+Exit codes: 0 completed, 1 failed, 2 invalid config, 3 diverged, 4 interrupted (loralab.exits).
 """
 
 import sys

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import signal
 import subprocess
@@ -11,6 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from loralab.adapters import load_adapter
+from loralab.lora import LoRAConfig, lora_layers
+from loralab.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,9 +69,12 @@ def user_env() -> dict:
     return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
-def run_train(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """``python train.py ARGS`` in a fresh process, as a user runs it."""
+def run_train(args: list[str], cwd: Path, check: bool = True, quiet_wandb: bool = True) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in a fresh process, as a user runs it (with W&B's console output
+    when ``quiet_wandb`` is False)."""
     env = {**user_env(), "HYDRA_FULL_ERROR": "0"}
+    if not quiet_wandb:
+        env.pop("WANDB_SILENT")
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
@@ -114,16 +123,62 @@ def start_train(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def kill_at_first_checkpoint(process: subprocess.Popen, checkpoint: Path) -> int:
-    """SIGKILL the job (its whole process group: train.py and W&B's service) as soon as
-    ``checkpoint`` appears; the step the checkpoint holds."""
+def wait_for(checkpoint: Path, process: subprocess.Popen) -> None:
     deadline = time.time() + 300
     while not checkpoint.is_file():
         assert process.poll() is None, "the run ended before its first checkpoint"
         assert time.time() < deadline
         time.sleep(0.02)
+
+
+def kill_at_first_checkpoint(process: subprocess.Popen, checkpoint: Path) -> int:
+    """SIGKILL the job (its whole process group: train.py and W&B's service) as soon as
+    ``checkpoint`` appears; the step the checkpoint holds."""
+    wait_for(checkpoint, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    import torch  # imported where used, as in tiny_hf_gpt2
-
     return torch.load(checkpoint, weights_only=True)["global_step"]
+
+
+# --- tiny models for the unit tests of the torch-only core ---------------------------
+
+TINY_GPT = GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_gpt(seed=0, **overrides):
+    """A random GPT of ``TINY_GPT``'s sizes (``overrides`` change them)."""
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY_GPT.__dict__, **overrides}))
+
+
+def randomize_lora_B(model, seed=1):
+    """Give every adapter a non-zero B, so LoRA actually changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+def tokens(seed=0, batch=2, length=16):
+    """Random token ids for ``tiny_gpt``."""
+    return torch.randint(0, TINY_GPT.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, seed=0):
+    """``model``'s logits on ``tokens(seed)``, without gradients."""
+    with torch.no_grad():
+        return model(tokens(seed))[0]
+
+
+# "a" has scale 8/4 = 2, a power of two; "b" an rsLoRA scale 5/sqrt(2), and targets that overlap a's in part
+ADAPTER_CONFIGS = {"a": LoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "k_proj"]),
+                   "b": LoRAConfig(rank=2, alpha=5, target_modules=["q_proj", "fc_in"], scaling="rslora")}
+ADAPTER_SCALES = {"a": 8 / 4, "b": 5 / math.sqrt(2)}  # by hand
+
+
+def load_both(saved):
+    """A fresh ``tiny_gpt`` with every adapter of ``saved`` (name -> directory) loaded."""
+    model = tiny_gpt().eval()
+    for name, directory in saved.items():
+        load_adapter(model, directory, name=name)
+    return model

@@ -1,7 +1,6 @@
 """Many adapters on one base (lora.py): load, switch, disable, combine, delete."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from loralab.adapters import (
     set_adapter,
 )
 from loralab.lora import (
-    LoRAConfig,
     LoRALinear,
     active_adapter,
     adapter_names,
@@ -27,19 +25,15 @@ from loralab.lora import (
     lora_layers,
     merge_lora,
 )
-from test_lora import randomize_lora_B, tiny_gpt, tokens
 
-# "a" has scale 8/4 = 2, a power of two; "b" an rsLoRA scale 5/sqrt(2), and targets that overlap a's in part
-CONFIGS = {"a": LoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "k_proj"]),
-           "b": LoRAConfig(rank=2, alpha=5, target_modules=["q_proj", "fc_in"], scaling="rslora")}
-SCALES = {"a": 8 / 4, "b": 5 / math.sqrt(2)}  # by hand
+from conftest import ADAPTER_CONFIGS, ADAPTER_SCALES, load_both, logits, randomize_lora_B, tiny_gpt, tokens
 
 
 @pytest.fixture
 def saved(tmp_path):
     """Adapters "a" and "b", each trained (B made non-zero) alone on the same base and saved."""
     directories = {}
-    for seed, (name, config) in enumerate(CONFIGS.items(), start=1):
+    for seed, (name, config) in enumerate(ADAPTER_CONFIGS.items(), start=1):
         model = tiny_gpt()
         inject_lora(model, config)
         randomize_lora_B(model, seed=seed)
@@ -54,20 +48,8 @@ def alone(directory):
     return model
 
 
-def both(saved):
-    model = tiny_gpt().eval()
-    for name, directory in saved.items():
-        load_adapter(model, directory, name=name)
-    return model
-
-
-def logits(model, seed=0):
-    with torch.no_grad():
-        return model(tokens(seed))[0]
-
-
 def test_switching_reproduces_each_adapter_alone_exactly(saved):
-    model = both(saved)
+    model = load_both(saved)
     assert adapter_names(model) == ["a", "b"] and active_adapter(model) == "a"  # the first one loaded
     expected = {name: logits(alone(directory)) for name, directory in saved.items()}
     assert not torch.equal(expected["a"], expected["b"])
@@ -78,7 +60,7 @@ def test_switching_reproduces_each_adapter_alone_exactly(saved):
 
 
 def test_disabled_is_the_base_exactly_and_switches_back(saved):
-    model, base = both(saved), tiny_gpt().eval()
+    model, base = load_both(saved), tiny_gpt().eval()
     with disable_adapter(model):
         assert torch.equal(logits(model), logits(base))
     assert torch.equal(logits(model), logits(alone(saved["a"])))
@@ -88,7 +70,7 @@ def test_disabled_is_the_base_exactly_and_switches_back(saved):
 
 
 def test_weighted_sum_of_one_adapter_with_weight_one_equals_it(saved):
-    model = both(saved)
+    model = load_both(saved)
     add_weighted_adapter(model, ["a"], [1.0], "a_again")
     set_adapter(model, "a_again")
     # a's scale is 2: folding it into B is exact, so this is the very same computation
@@ -100,7 +82,7 @@ def test_weighted_sum_of_one_adapter_with_weight_one_equals_it(saved):
 
 def test_weighted_sum_of_two_is_w_plus_the_weighted_updates(saved):
     weights = {"a": 0.7, "b": -1.3}
-    model = both(saved)
+    model = load_both(saved)
     adapted = add_weighted_adapter(model, list(weights), list(weights.values()), "mix")
     files = {name: load_file(directory / "adapter.safetensors") for name, directory in saved.items()}
     base = dict(tiny_gpt().named_parameters())
@@ -115,14 +97,14 @@ def test_weighted_sum_of_two_is_w_plus_the_weighted_updates(saved):
         for name, w in weights.items():
             if f"{module_name}.lora_A" in files[name]:
                 A, B = files[name][f"{module_name}.lora_A"], files[name][f"{module_name}.lora_B"]
-                by_hand += w * SCALES[name] * B @ A
-                ranks += CONFIGS[name].rank
+                by_hand += w * ADAPTER_SCALES[name] * B @ A
+                ranks += ADAPTER_CONFIGS[name].rank
         assert layer.rank == ranks  # q_proj: 4 + 2, k_proj: 4, fc_in: 2
         torch.testing.assert_close(layer.weight, by_hand, atol=1e-6, rtol=0)
 
 
 def test_gradients_reach_only_the_active_adapter(saved):
-    model = both(saved).train()
+    model = load_both(saved).train()
     set_adapter(model, "b")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     idx = tokens(seed=3)
@@ -139,7 +121,7 @@ def test_gradients_reach_only_the_active_adapter(saved):
 
 
 def test_delete_removes_the_adapter_and_its_parameters(saved):
-    model = both(saved)
+    model = load_both(saved)
     total = count_parameters(model)[1]
     delete_adapter(model, "b")
     assert adapter_names(model) == ["a"]
@@ -155,7 +137,7 @@ def test_delete_removes_the_adapter_and_its_parameters(saved):
 
 
 def test_the_active_adapter_is_deleted_only_when_last(saved):
-    model = both(saved)
+    model = load_both(saved)
     with pytest.raises(ValueError, match=r"'a' is active: set_adapter\(model, one of \['b'\]\)"):
         delete_adapter(model, "a")
     assert adapter_names(model) == ["a", "b"]
@@ -163,10 +145,10 @@ def test_the_active_adapter_is_deleted_only_when_last(saved):
 
 def test_later_adapters_wait_frozen_and_keep_the_first_ones_keys(saved):
     model = tiny_gpt()
-    inject_lora(model, CONFIGS["a"])
+    inject_lora(model, ADAPTER_CONFIGS["a"])
     keys = set(model.state_dict())
     trainable = count_parameters(model)[0]
-    inject_lora(model, CONFIGS["b"], adapter_name="b")
+    inject_lora(model, ADAPTER_CONFIGS["b"], adapter_name="b")
     assert active_adapter(model) == "default"
     assert keys <= set(model.state_dict())  # "default" keeps loralib's keys: ...q_proj.lora_A
     assert count_parameters(model)[0] == trainable  # only the active adapter trains
@@ -174,23 +156,23 @@ def test_later_adapters_wait_frozen_and_keep_the_first_ones_keys(saved):
 
 
 def test_an_adapter_saved_while_active_reloads_exactly(saved, tmp_path):
-    model = both(saved)
+    model = load_both(saved)
     set_adapter(model, "b")
-    save_adapter(model, CONFIGS["b"], tmp_path / "b_again")
+    save_adapter(model, ADAPTER_CONFIGS["b"], tmp_path / "b_again")
     assert torch.equal(logits(alone(tmp_path / "b_again")), logits(alone(saved["b"])))
 
 
 def test_an_adapter_from_another_base_fails_with_one_line(tmp_path):
     model = tiny_gpt()
-    inject_lora(model, CONFIGS["a"])
-    save_adapter(model, CONFIGS["a"], tmp_path / "a", base={"kind": "cache", "sha256": "1" * 64})
+    inject_lora(model, ADAPTER_CONFIGS["a"])
+    save_adapter(model, ADAPTER_CONFIGS["a"], tmp_path / "a", base={"kind": "cache", "sha256": "1" * 64})
     target = tiny_gpt()
     with pytest.raises(ValueError) as error:
         load_adapter(target, tmp_path / "a", expected_base_sha256="2" * 64)
     message = str(error.value)
     assert "\n" not in message and f"sha256={'1' * 64}, not on this base (sha256={'2' * 64})" in message
     assert not adapter_names(target)  # nothing changed
-    assert load_adapter(target, tmp_path / "a", expected_base_sha256="1" * 64) == CONFIGS["a"]
+    assert load_adapter(target, tmp_path / "a", expected_base_sha256="1" * 64) == ADAPTER_CONFIGS["a"]
 
 
 def test_an_adapter_without_a_recorded_base_loads(saved):
@@ -200,11 +182,11 @@ def test_an_adapter_without_a_recorded_base_loads(saved):
 
 
 def test_a_failed_load_leaves_the_adapters_as_they_were(saved, tmp_path):
-    model = both(saved)
+    model = load_both(saved)
     state = copy.deepcopy(model.state_dict())
     other = tiny_gpt(n_embd=64)
-    inject_lora(other, CONFIGS["b"])
-    save_adapter(other, CONFIGS["b"], tmp_path / "wide")
+    inject_lora(other, ADAPTER_CONFIGS["b"])
+    save_adapter(other, ADAPTER_CONFIGS["b"], tmp_path / "wide")
     with pytest.raises(ValueError, match="does not fit this model"):
         load_adapter(model, tmp_path / "wide", name="wide")
     assert adapter_names(model) == ["a", "b"]
@@ -215,11 +197,11 @@ def test_a_failed_load_leaves_the_adapters_as_they_were(saved, tmp_path):
 @pytest.mark.parametrize("name,message", [("a", "already exists"), ("x.y", "invalid"), ("keys", "invalid")])
 def test_bad_adapter_names_are_refused(saved, name, message):
     with pytest.raises(ValueError, match=message):
-        inject_lora(both(saved), CONFIGS["a"], adapter_name=name)
+        inject_lora(load_both(saved), ADAPTER_CONFIGS["a"], adapter_name=name)
 
 
 def test_unknown_adapters_list_the_ones_held(saved):
-    model = both(saved)
+    model = load_both(saved)
     with pytest.raises(ValueError, match=r"no adapter 'c' in this model: it holds \['a', 'b'\]"):
         set_adapter(model, "c")
     with pytest.raises(ValueError, match="one weight per adapter"):

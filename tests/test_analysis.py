@@ -341,7 +341,7 @@ def test_analyze_cli_reports_the_adapters_own_numbers(tiny_sweep):
 
 @pytest.mark.slow
 def test_analyze_cli_without_base_weights_says_what_it_left_out(tiny_sweep, tmp_path):
-    from loralab.analyze import write_analysis
+    from loralab.sweep_analysis import write_analysis
 
     sweep_dir, base_file = tiny_sweep
     copy = tmp_path / "sweep"

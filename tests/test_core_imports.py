@@ -4,8 +4,9 @@ layer and its adapters, the models, quantization and the analyses into their own
 import subprocess
 import sys
 
-CORE = ["loralab.lora", "loralab.lora_config", "loralab.variants", "loralab.adapters", "loralab.surgery",
-        "loralab.model", "loralab.vit", "loralab.quant", "loralab.analysis", "loralab.schedule"]
+CORE = ["loralab.lora", "loralab.adapter_slots", "loralab.lora_config", "loralab.variants", "loralab.adapters",
+        "loralab.surgery", "loralab.model", "loralab.vit", "loralab.quant", "loralab.analysis", "loralab.schedule",
+        "loralab.packed"]
 FRAMEWORK = ["pytorch_lightning", "lightning", "lightning_fabric", "hydra", "omegaconf", "wandb", "torchmetrics"]
 
 

@@ -1,16 +1,19 @@
 """python -m loralab.evaluate: one base, every adapter of a sweep, on equal terms."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from loralab.adapters import load_adapter
 from loralab.base import load_recorded_base
 from loralab.evaluate import BASE, evaluate_sweep
 
-from conftest import read_summary
+from conftest import read_summary, user_env
 
 pytestmark = pytest.mark.slow  # needs a real sweep
 
@@ -47,3 +50,26 @@ def test_cli_writes_the_table(rank_sweep):
 def test_cli_names_a_directory_without_adapters(tmp_path):
     result = subprocess.run([sys.executable, "-m", "loralab.evaluate", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode != 0 and "holds no completed LoRA run" in result.stderr
+
+
+def finished_lora_job(job_dir: Path, kind: str, modules_to_save: list[str]) -> None:
+    """What a completed LoRA run leaves for loralab.evaluate: its summary, config and adapter config."""
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": 1, "model": {"kind": kind}}))
+    (job_dir / "summary.json").write_text(json.dumps({"status": "completed", "name": "lora.rank=1"}))
+    (job_dir / "adapter").mkdir()
+    (job_dir / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"lora": {"rank": 1, "modules_to_save": modules_to_save}, "base": {"source": "cache", "sha256": "0" * 64}}))
+
+
+@pytest.mark.parametrize("kind, modules_to_save, message", [
+    ("vit", ["head"], "the sweep's runs are model.kind=vit: loralab.evaluate compares GPT adapters only"),
+    ("gpt", ["lm_head"], "run 'lora.rank=1' trained modules_to_save=['lm_head'] in full beside its adapter"),
+])
+def test_evaluate_refuses_adapters_it_cannot_put_side_by_side_before_loading_any(tmp_path, kind, modules_to_save,
+                                                                                 message):
+    finished_lora_job(tmp_path / "0", kind, modules_to_save)
+    result = subprocess.run([sys.executable, "-m", "loralab.evaluate", str(tmp_path)], capture_output=True,
+                            text=True, env=user_env())
+    assert result.returncode == 1 and result.stderr.startswith(f"error: {message}")
+    assert "Traceback" not in result.stderr and not (tmp_path / "evaluation.md").exists()

@@ -20,26 +20,8 @@ from loralab.lora import (
     merge_lora,
     unmerge_lora,
 )
-from loralab.model import GPT, GPTConfig
 
-TINY = GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=32)
-
-
-def tiny_gpt(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY.__dict__, **overrides}))
-
-
-def randomize_lora_B(model, seed=1):
-    """Give every adapter a non-zero B, so LoRA actually changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
-
-
-def tokens(seed=0, batch=2, length=16):
-    return torch.randint(0, TINY.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+from conftest import TINY_GPT, randomize_lora_B, tiny_gpt, tokens
 
 
 @pytest.mark.parametrize("scaling,expected_scale", [("standard", 16 / 4), ("rslora", 16 / 2)])
@@ -152,7 +134,7 @@ def test_trainable_count_equals_analytic_count(targets):
     model = tiny_gpt()
     total_before = count_parameters(model)[1]
     adapted = inject_lora(model, LoRAConfig(rank=3, target_modules=targets))
-    C = TINY.n_embd
+    C = TINY_GPT.n_embd
     shapes = {"q_proj": (C, C), "k_proj": (C, C), "v_proj": (C, C), "o_proj": (C, C),
               "fc_in": (C, 4 * C), "fc_out": (4 * C, C)}
     by_hand = sum(3 * sum(shapes[name.rsplit(".", 1)[-1]]) for name in adapted)

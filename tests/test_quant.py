@@ -32,9 +32,8 @@ from loralab.quant import (
     quantized_layers,
     unpack_nibbles,
 )
-from test_adapters import CONFIGS, SCALES, both, logits
-from test_lora import TINY as LORA_TINY
-from test_lora import randomize_lora_B, tiny_gpt
+
+from conftest import ADAPTER_CONFIGS, ADAPTER_SCALES, TINY_GPT, load_both, logits, randomize_lora_B, tiny_gpt
 
 # bitsandbytes' NF4 table as published (bitsandbytes/functional.py create_normal_map,
 # bitsandbytes/backends/utils.py _NF4_QUANT_TABLE), written out here independently of quant.py.
@@ -318,7 +317,7 @@ def test_qlora_run_end_to_end(tmp_path, base_cache):
 def saved_nf4(tmp_path):
     """Adapters "a" and "b", each trained (B made non-zero) alone on the NF4-quantized base and saved."""
     directories = {}
-    for seed, (name, config) in enumerate(CONFIGS.items(), start=1):
+    for seed, (name, config) in enumerate(ADAPTER_CONFIGS.items(), start=1):
         config = dataclasses.replace(config, quantize="nf4")
         model = tiny_gpt()
         inject_lora(model, config)
@@ -334,8 +333,8 @@ def nf4_base():
 
 
 def test_adapters_on_a_quantized_base_switch_and_disable_exactly(saved_nf4):
-    model = both(saved_nf4)
-    assert len(quantized_layers(model)) == 6 * LORA_TINY.n_layer  # quantized once, by the first adapter
+    model = load_both(saved_nf4)
+    assert len(quantized_layers(model)) == 6 * TINY_GPT.n_layer  # quantized once, by the first adapter
     for name, directory in saved_nf4.items():
         set_adapter(model, name)
         alone = tiny_gpt().eval()
@@ -347,34 +346,35 @@ def test_adapters_on_a_quantized_base_switch_and_disable_exactly(saved_nf4):
 
 def test_weighted_sum_on_a_quantized_base_is_the_quantized_base_plus_the_weighted_updates(saved_nf4):
     weights = {"a": 0.7, "b": -1.3}
-    model = both(saved_nf4)
+    model = load_both(saved_nf4)
     add_weighted_adapter(model, list(weights), list(weights.values()), "mix")
     set_adapter(model, "mix")
     files = {name: load_file(directory / "adapter.safetensors") for name, directory in saved_nf4.items()}
-    x = torch.randn(3, LORA_TINY.n_embd, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, TINY_GPT.n_embd, generator=torch.Generator().manual_seed(0))
     for module_name, layer in lora_layers(model).items():
-        delta = sum(w * SCALES[name] * files[name][f"{module_name}.lora_B"] @ files[name][f"{module_name}.lora_A"]
+        delta = sum(w * ADAPTER_SCALES[name] * files[name][f"{module_name}.lora_B"]
+                    @ files[name][f"{module_name}.lora_A"]
                     for name, w in weights.items() if f"{module_name}.lora_A" in files[name])
         assert isinstance(layer.base_layer, QuantizedLinear) and layer.lora_A.dtype == torch.float32
         torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta.T, atol=1e-5, rtol=0)
 
 
 def test_deleting_every_adapter_gives_back_the_quantized_base(saved_nf4):
-    model = both(saved_nf4)
+    model = load_both(saved_nf4)
     delete_adapter(model, "b")
     delete_adapter(model, "a")
-    assert not lora_layers(model) and len(quantized_layers(model)) == 6 * LORA_TINY.n_layer
+    assert not lora_layers(model) and len(quantized_layers(model)) == 6 * TINY_GPT.n_layer
     assert torch.equal(logits(model), logits(nf4_base()))
     assert count_parameters(model) == (0, sum(p.numel() for p in tiny_gpt().parameters()))
 
 
 def test_the_adapters_of_one_base_share_its_quantization(saved_nf4):
-    model = both(saved_nf4)
+    model = load_both(saved_nf4)
     with pytest.raises(ValueError, match="adapter 'c' has quantize='none', but this model's base has quantize='nf4'"):
-        inject_lora(model, CONFIGS["a"], adapter_name="c")
+        inject_lora(model, ADAPTER_CONFIGS["a"], adapter_name="c")
     assert adapter_names(model) == ["a", "b"]
     float_model = tiny_gpt()
-    inject_lora(float_model, CONFIGS["a"])
+    inject_lora(float_model, ADAPTER_CONFIGS["a"])
     with pytest.raises(ValueError, match="adapter 'b' has quantize='nf4', but this model's base has quantize='none'"):
         load_adapter(float_model, saved_nf4["b"], name="b")
     assert adapter_names(float_model) == ["default"] and not quantized_layers(float_model)

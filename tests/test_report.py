@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from loralab.overrides import varying_keys
 from loralab.report import write_report
 
 from conftest import read_summary as summary
 
-PLOTS = ("loss_curves.png", "val_loss_vs_rank.png", "val_loss_vs_params.png")
+PLOTS = ("loss_curves.png", "val_loss_vs_rank.png", "val_loss_vs_params.png", "learning_vs_forgetting.png")
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -90,14 +91,17 @@ def fake_job(sweep_dir: Path, job: str, overrides: list[str], summary: dict | No
         (sweep_dir / job / "summary.json").write_text(json.dumps({"overrides": overrides, **summary}))
 
 
-def seeded_sweep(sweep_dir: Path, losses: dict[int, list[float | None]]) -> None:
+def seeded_sweep(sweep_dir: Path, losses: dict[int, list[float | None]], measured: bool = False) -> None:
     """A fake `-m lora.rank=... seed=1,2,3` sweep: losses[rank][i] is seed i+1's final val/loss
-    (None: that seed failed)."""
+    (None: that seed failed); ``measured``: the runs also measured test/loss (val/loss + 0.05)
+    and forgetting (forget/increase = seed / 100), as runs since the test split do."""
     job = 0
     for rank, values in losses.items():
         for seed, loss in enumerate(values, start=1):
             metrics = {"val/loss": loss, "best/val_loss": loss, "base/val_loss": 2.5,
                        "gain/val_loss": 2.5 - loss, "params/trainable": 100 * rank} if loss else {}
+            if loss and measured:
+                metrics |= {"test/loss": loss + 0.05, "base/test_loss": 2.6, "forget/increase": seed / 100}
             history = {"train/loss": [[1, 3.0], [2, loss]], "val/loss": [[0, 2.5], [2, loss]]} if loss else {}
             fake_job(sweep_dir, str(job), [f"lora.rank={rank}", f"seed={seed}"],
                      {"status": "completed" if loss else "failed", "error": None if loss else "boom",
@@ -117,15 +121,96 @@ def test_seeds_of_one_setting_are_aggregated_and_compared_with_the_best(tmp_path
     assert float(r4["val/loss_std"]) == pytest.approx(0.02)  # sqrt((0.02² + 0 + 0.02²) / 2)
     half = 4.302652729911275 * 0.02 / 3**0.5  # t(0.975, 2) · s / sqrt(n)
     assert (float(r4["val/loss_ci_low"]), float(r4["val/loss_ci_high"])) == pytest.approx((2.12 - half, 2.12 + half))
-    assert r8["vs_best"] == "best"
-    # rank 4 against rank 8, paired by seed: differences 0.10, 0.09, 0.08 -> clearly worse
+    assert r8["vs_best"] == "best" and r8["vs_best_p_holm"] == ""
+    # rank 4 against rank 8, paired by seed: differences 0.10, 0.09, 0.08, so t = 0.09 / (0.01 / √3),
+    # t² = 243, and with 2 degrees of freedom p = 1 − t / √(2 + t²) = 1 − √(243 / 245)
+    p4 = 1 - math.sqrt(243 / 245)
     assert r4["vs_best_test"] == "paired t" and float(r4["vs_best_diff"]) == pytest.approx(0.09)
-    assert r4["vs_best"] == "worse"
+    assert float(r4["vs_best_p"]) == pytest.approx(p4)
     # rank 16 ran seeds 1 and 2 only: Welch, and 2.035 vs 2.03 is within the noise
-    assert r16["vs_best_test"] == "Welch t" and r16["vs_best"] == "not distinguishable from the best"
+    p16 = welch_p([2.04, 2.03], [2.00, 2.03, 2.06])
+    assert r16["vs_best_test"] == "Welch t" and float(r16["vs_best_p"]) == pytest.approx(p16)
+    # Holm over the 2 comparisons with the best: the smaller p doubled, the larger kept (p16 > 2·p4)
+    assert float(r4["vs_best_p_holm"]) == pytest.approx(2 * p4) and float(r16["vs_best_p_holm"]) == pytest.approx(p16)
+    assert r4["vs_best"] == "worse beyond noise"
+    bound = 0.005 + welch_half_width([2.04, 2.03], [2.00, 2.03, 2.06])  # |diff| + the CI's half-width
+    assert r16["vs_best"] == f"not shown at 2 seeds, |diff| < {bound:.4f}"
     markdown = (tmp_path / "report.md").read_text()
-    assert "Best setting: **lora.rank=8**" in markdown
-    assert "- lora.rank=16: -" not in markdown and "not distinguishable from the best" in markdown
+    assert "Best setting: **lora.rank=8**" in markdown and "best so far" not in markdown
+    assert f"p = {p4:.3g} (Holm p = {2 * p4:.3g}, paired t): worse beyond noise." in markdown
+    assert "- lora.rank=16: -" not in markdown and f"not shown at 2 seeds, |diff| < {bound:.4f}" in markdown
+    assert "distinguishable" not in markdown and ": the same" not in markdown
+
+
+def welch_p(a: list[float], b: list[float]) -> float:
+    from scipy.stats import ttest_ind
+
+    return ttest_ind(a, b, equal_var=False).pvalue
+
+
+def welch_half_width(a: list[float], b: list[float]) -> float:
+    """t(0.975, Welch–Satterthwaite df) times the standard error of the difference of means."""
+    from scipy.stats import t
+
+    va, vb = [sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1) / len(v) for v in (a, b)]
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return t.ppf(0.975, df) * math.sqrt(va + vb)
+
+
+def test_a_difference_beyond_raw_noise_but_not_after_holm_is_not_shown(tmp_path):
+    # ranks 4 and 16 each against rank 8: paired differences 0.05, 0.06, 0.03 and 0.06, 0.05, 0.03, so
+    # t² = 28 and p = 1 − √(28 / 30) = 0.034 each, below 0.05; Holm over the 2: 2 · 0.034 = 0.068 for both
+    seeded_sweep(tmp_path, {4: [2.05, 2.09, 2.09], 8: [2.00, 2.03, 2.06], 16: [2.06, 2.08, 2.09]})
+    write_report(tmp_path)
+    rows = {row["setting"]: row for row in read_csv(tmp_path / "settings.csv")}
+    raw = 1 - math.sqrt(28 / 30)
+    half = 4.302652729911275 * math.sqrt(0.0007 / 3) / math.sqrt(3)  # t(0.975, 2) · s / √3, s² = 0.0007 / 3
+    for name in ("lora.rank=4", "lora.rank=16"):
+        assert float(rows[name]["vs_best_p"]) == pytest.approx(raw)
+        assert float(rows[name]["vs_best_p_holm"]) == pytest.approx(2 * raw)
+        assert rows[name]["vs_best"] == f"not shown at 3 seeds, |diff| < {0.14 / 3 + half:.4f}"
+    table = (tmp_path / "report.md").read_text().split("## Comparisons")[0]
+    assert f"| {raw:.3g} | {2 * raw:.3g} | not shown at 3 seeds" in table
+
+
+def test_settings_carry_test_loss_and_forgetting_beside_val_loss(tmp_path):
+    seeded_sweep(tmp_path, {4: [2.10, 2.12, 2.14], 8: [2.00, 2.03, 2.06]}, measured=True)
+    write_report(tmp_path)
+    r4 = {row["setting"]: row for row in read_csv(tmp_path / "settings.csv")}["lora.rank=4"]
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2) / √n, times the std
+    assert float(r4["test/loss_mean"]) == pytest.approx(2.17) and float(r4["test/loss_std"]) == pytest.approx(0.02)
+    assert float(r4["test/loss_ci_high"]) == pytest.approx(2.17 + 0.02 * half)
+    assert float(r4["forget/increase_mean"]) == pytest.approx(0.02)  # seeds 1, 2, 3: 0.01, 0.02, 0.03
+    assert float(r4["forget/increase_ci_low"]) == pytest.approx(0.02 - 0.01 * half)
+    markdown = (tmp_path / "report.md").read_text()
+    assert f"| 2.1700 ± {0.02 * half:.4f} |" in markdown and f"| +0.0200 ± {0.01 * half:.4f} |" in markdown
+    # a sweep without an lr to tune still draws the learning–forgetting plane, one point per setting
+    assert "![learning_vs_forgetting.png](learning_vs_forgetting.png)" in markdown
+
+    seeded_sweep(tmp_path / "older", {4: [2.10, 2.12, 2.14]})  # runs from before test/loss: blank, no error
+    write_report(tmp_path / "older")
+    [row] = read_csv(tmp_path / "older" / "settings.csv")
+    assert row["test/loss_mean"] == row["forget/increase_mean"] == "" and row["val/loss_mean"] != ""
+
+
+def test_no_best_setting_is_named_while_jobs_are_still_to_run(tmp_path, capsys):
+    seeded_sweep(tmp_path, {4: [2.10, 2.12, 2.14], 8: [2.00, 2.03]})
+    fake_job(tmp_path, "5", ["lora.rank=8", "seed=3"], None)  # still running: no summary.json yet
+    write_report(tmp_path)
+    markdown, console = (tmp_path / "report.md").read_text(), capsys.readouterr().out
+    for text in (markdown, console):
+        assert "Best so far (5 of 6 finished): **lora.rank=8**" in text
+        assert "best setting" not in text.lower()
+    rows = {row["setting"]: row for row in read_csv(tmp_path / "settings.csv")}
+    assert rows["lora.rank=8"]["vs_best"] == "best so far (5 of 6 finished)"
+    assert "## Comparisons with the best so far (5 of 6 finished)" in markdown
+
+    (tmp_path / "5" / "summary.json").write_text(json.dumps({  # the last job ends, failed: all 6 are done
+        "overrides": ["lora.rank=8", "seed=3"], "status": "failed", "error": "boom", "metrics": {},
+        "config": {"seed": 3, "lora": {"enabled": True, "rank": 8}}}))
+    write_report(tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "Best setting: **lora.rank=8**" in markdown and "so far" not in markdown
 
 
 def paired_line(a: int, b: int, diffs: list[float]) -> str:
@@ -247,3 +332,62 @@ def test_the_report_links_the_adapter_analysis_once_it_exists(tmp_path):
     (tmp_path / "analysis.md").write_text("# analysis\n")
     write_report(tmp_path)
     assert "[analysis.md](analysis.md)" in (tmp_path / "report.md").read_text()
+
+
+# --- the report survives its inputs ----------------------------------------------------
+
+
+def job_with_summary_text(sweep_dir: Path, job: str, overrides: list[str], summary_text: str | None) -> None:
+    """A job directory whose summary.json holds ``summary_text`` as it is (None: no summary)."""
+    (sweep_dir / job / ".hydra").mkdir(parents=True)
+    (sweep_dir / job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if summary_text is not None:
+        (sweep_dir / job / "summary.json").write_text(summary_text)
+
+
+def completed_summary(overrides: list[str], val_loss: float) -> str:
+    return json.dumps({"status": "completed", "error": None, "overrides": overrides, "wall_time_s": 1.0,
+                       "metrics": {"val/loss": val_loss, "best/val_loss": val_loss, "gain/val_loss": 0.1,
+                                   "params/trainable": 10},
+                       "history": {"train/loss": [[1, 3.0], [2, 2.0]], "val/loss": [[0, 3.0], [2, val_loss]]},
+                       "config": {"seed": 1, "lora": {"enabled": True, "rank": 2}}})
+
+
+def test_report_shows_unreadable_summaries_and_jobs_that_never_started(tmp_path):
+    import csv
+
+    from loralab.report import write_report
+
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    # the sweep `-m lora=default,full lora.rank=2,4`: full fine-tuning runs once, so 3 jobs
+    (sweep_dir / "multirun.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"overrides": {"task": ["lora=default,full", "lora.rank=2,4"]}, "sweeper": {"params": None}}}))
+    job_with_summary_text(sweep_dir, "0", ["lora=default", "lora.rank=2"],
+                          completed_summary(["lora=default", "lora.rank=2"], 2.5))
+    job_with_summary_text(sweep_dir, "1", ["lora=default", "lora.rank=4"], '{"status": "compl')  # cut off mid-write
+    write_report(sweep_dir)
+    rows = list(csv.DictReader((sweep_dir / "report.csv").open()))
+    assert [(r["job"], r["overrides"], r["status"]) for r in rows] == [
+        ("0", "lora=default,lora.rank=2", "completed"), ("1", "lora=default,lora.rank=4", "unreadable"),
+        ("2", "lora=full,lora.rank=2", "not started")]
+    assert rows[0]["val/loss"] == "2.5"
+    assert rows[1]["error"].startswith(f"unreadable: {sweep_dir / '1' / 'summary.json'}: JSONDecodeError")
+    assert "never started" in rows[2]["error"]
+
+
+@pytest.mark.parametrize("garbage", ["[1, 2]", '{"no": "status"}', '{"status": "completed", "metrics": 3}',
+                                     '{"status": "completed", "history": {"val/loss": [[0]]}}', "\x00\x01"])
+def test_any_garbage_summary_is_its_row_and_the_rest_of_the_report_is_built(tmp_path, garbage):
+    import csv
+
+    from loralab.report import write_report
+
+    job_with_summary_text(tmp_path, "0", ["lora.rank=2"], completed_summary(["lora.rank=2"], 2.5))
+    job_with_summary_text(tmp_path, "1", ["lora.rank=4"], garbage)
+    write_report(tmp_path)
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert [(r["overrides"], r["status"]) for r in rows] == [("lora.rank=2", "completed"),
+                                                             ("lora.rank=4", "unreadable")]
+    assert rows[1]["error"].startswith("unreadable: ")
+    assert (tmp_path / "loss_curves.png").is_file()  # the plots of the readable run were drawn

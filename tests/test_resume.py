@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from loralab.base import load_base
 from loralab.data import ResumableLoader
-from loralab.exits import EXIT_CONFIG
+from loralab.exits import EXIT_CONFIG, EXIT_INTERRUPTED
 from loralab.files import write_json
 from loralab.jobs import contiguous_batches
 from loralab.lora import LoRAConfig, analytic_lora_parameters, inject_lora
@@ -25,7 +25,7 @@ from loralab.model import GPT, GPTConfig
 from loralab.module import LitTransformer
 from loralab.resume import SweepDirError, jobs_to_run
 
-from conftest import TINY, kill_at_first_checkpoint, read_summary, run_train, start_train
+from conftest import TINY, kill_at_first_checkpoint, read_summary, run_train, start_train, wait_for
 
 # metrics that measure the machine, not the run: they differ between any two runs
 TIMINGS = ("perf/step_s", "perf/tokens_per_s", "perf/peak_mem_mb")
@@ -111,7 +111,9 @@ def test_resume_skips_finished_jobs_and_runs_the_rest(tmp_path):
     fake_job(tmp_path / "2", ["lora.rank=8"], None)  # killed: no summary
     # job 3 never started
     assert jobs_to_run(tmp_path, JOBS, job_dirs(tmp_path), resume=True) == [1, 2, 3]
-    fake_job(tmp_path / "3", ["lora.rank=16"], "diverged")
+    fake_job(tmp_path / "3", ["lora.rank=16"], "interrupted")  # by SIGTERM: resumable
+    assert jobs_to_run(tmp_path, JOBS, job_dirs(tmp_path), resume=True) == [1, 2, 3]
+    write_json(tmp_path / "3/summary.json", {"status": "diverged", "overrides": ["lora.rank=16"]})
     assert jobs_to_run(tmp_path, JOBS, job_dirs(tmp_path), resume=True) == [1, 2]
     assert jobs_to_run(tmp_path / "new", JOBS, job_dirs(tmp_path / "new"), resume=False) == [0, 1, 2, 3]
 
@@ -132,6 +134,15 @@ def test_a_job_dir_is_never_reused_for_another_job(tmp_path):
     fake_job(tmp_path / "7", ["lora.rank=32"], "completed")
     with pytest.raises(SweepDirError, match=r"7 holds a job this sweep does not declare \(\['lora.rank=32'\]\)"):
         jobs_to_run(tmp_path, JOBS, job_dirs(tmp_path), resume=True)
+
+
+def interrupt_after_first_checkpoint(process: subprocess.Popen, checkpoint: Path, signum: int) -> int:
+    """Send ``signum`` to train.py as soon as ``checkpoint`` appears, having deleted that periodic
+    checkpoint (so a checkpoint there afterwards is the one the interruption saved); its exit code."""
+    wait_for(checkpoint, process)
+    checkpoint.unlink()
+    process.send_signal(signum)
+    return process.wait(timeout=120)
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:
@@ -213,6 +224,54 @@ def test_a_killed_sweep_is_refused_then_resumed_without_touching_finished_jobs(t
     assert [read_summary(sweep / str(i))["overrides"][0] for i in range(3)] == [f"lora.rank={r}" for r in (2, 4, 8)]
     assert "Resuming finetune from" in (sweep / "1/train.log").read_text()
     assert not (sweep / "3").exists()
+
+
+# SIGTERM with validation every 30 steps; SIGINT with validation after every step, so that the
+# step boundary where training stops always has a validation just behind it (which the resumed
+# run must neither skip nor repeat)
+INTERRUPTIONS = [(signal.SIGTERM, ["trainer.max_steps=60", "trainer.val_check_interval=30"]),
+                 (signal.SIGINT, ["trainer.max_steps=40", "trainer.val_check_interval=1",
+                                  "trainer.limit_val_batches=1", "lora.dropout=0.1"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, settings", INTERRUPTIONS, ids=["SIGTERM", "SIGINT"])
+def test_an_interrupted_run_is_checkpointed_and_resumed_as_if_never_stopped(tmp_path, base_cache, signum, settings):
+    args = [*TINY, *settings, "checkpoint.every_n_steps=5", "logger=none", f"paths.cache_dir={base_cache}"]
+    run_train([*args, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path)
+    run_dir = tmp_path / "interrupted"
+    checkpoint = run_dir / "checkpoints/last.ckpt"
+    assert interrupt_after_first_checkpoint(start_train([*args, f"hydra.run.dir={run_dir}"], tmp_path),
+                                            checkpoint, signum) == EXIT_INTERRUPTED
+    interrupted = read_summary(run_dir)
+    assert interrupted["status"] == "interrupted" and not (run_dir / "adapter").exists()
+    assert interrupted["error"] == f"stopped by {signum.name}: resume=true continues it from its last checkpoint"
+    whole = read_summary(tmp_path / "whole")
+    assert 5 <= torch.load(checkpoint, weights_only=True)["global_step"] < whole["steps"]
+
+    run_train([*args, f"hydra.run.dir={run_dir}", "resume=true"], cwd=tmp_path)
+    resumed = read_summary(run_dir)
+    assert resumed["status"] == "completed" and resumed["steps"] == whole["steps"]
+    assert {k: v for k, v in resumed["metrics"].items() if k not in TIMINGS} == \
+           {k: v for k, v in whole["metrics"].items() if k not in TIMINGS}
+    assert resumed["history"] == whole["history"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_stops_at_its_job_and_resumes_the_rest(tmp_path, base_cache):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "lora.rank=2,4,8", *TINY, "checkpoint.every_n_steps=4", "logger=none",
+            f"paths.cache_dir={base_cache}", f"hydra.sweep.dir={sweep}"]
+    assert interrupt_after_first_checkpoint(start_train(args, tmp_path), sweep / "1/checkpoints/last.ckpt",
+                                            signal.SIGTERM) == EXIT_INTERRUPTED
+    assert [read_summary(sweep / str(i))["status"] for i in range(2)] == ["completed", "interrupted"]
+    assert (sweep / "1/checkpoints/last.ckpt").is_file() and not (sweep / "2").exists()
+    rows = [line.split(" | ")[:3] for line in (sweep / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert ["| 1", "lora.rank=4", "interrupted"] in rows and ["| 2", "lora.rank=8", "not started"] in rows
+
+    run_train([*args, "resume=true"], cwd=tmp_path)
+    assert [read_summary(sweep / str(i))["status"] for i in range(3)] == ["completed"] * 3
+    assert "Resuming finetune from" in (sweep / "1/train.log").read_text()
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats as scipy_stats
 
-from loralab.stats import compare, estimate, holm, paired, welch
+from loralab.stats import compare, estimate, holm, not_shown, paired, welch
 
 
 def test_estimate_mean_sample_std_and_t_interval():
@@ -31,14 +31,14 @@ def test_paired_comparison_by_hand():
     assert c.ci == pytest.approx((mean - half, mean + half))
     # t = 5 exactly; with 2 degrees of freedom the t CDF is 1/2 + t / (2 sqrt(2 + t²))
     assert c.p_value == pytest.approx(2 * (0.5 - 5 / (2 * math.sqrt(27))))
-    assert c.distinguishable
+    assert c.n == 3 and c.bound == pytest.approx(mean + half)
 
 
 def test_welch_comparison_matches_scipy_and_the_satterthwaite_formula():
     a, b = [1.0, 2.0, 3.0], [2.0, 4.0, 6.0, 8.0]
     c = welch(a, b)
     reference = scipy_stats.ttest_ind(a, b, equal_var=False)
-    assert c.test == "Welch t" and c.diff == -3.0
+    assert c.test == "Welch t" and c.diff == -3.0 and c.n == 3  # the smaller sample
     assert c.ci == pytest.approx(tuple(reference.confidence_interval(0.95)))
     assert c.p_value == pytest.approx(reference.pvalue)
     va, vb = 1 / 3, (20 / 3) / 4  # s²/n of each sample
@@ -53,8 +53,11 @@ def test_compare_pairs_only_when_the_seeds_match():
 
 
 def test_no_claim_when_the_interval_includes_zero():
-    noisy = paired([2.0, 2.2, 1.9], [2.1, 2.0, 2.05])
-    assert noisy.ci[0] < 0 < noisy.ci[1] and not noisy.distinguishable
+    noisy = paired([2.0, 2.2, 1.9], [2.1, 2.0, 2.05])  # differences -0.1, 0.2, -0.15: mean -1/60
+    assert noisy.ci[0] < 0 < noisy.ci[1] and noisy.p_value > 0.05
+    # the verdict bounds the difference by the CI's far end from zero, never "the same"
+    assert not_shown(noisy) == f"not shown at 3 seeds, |diff| < {max(-noisy.ci[0], noisy.ci[1]):.4f}"
+    assert noisy.bound == pytest.approx(-noisy.ci[0])  # mean < 0: the lower end is the farther
 
 
 def test_holm_adjusts_by_hand():

@@ -25,9 +25,8 @@ from loralab.lora import (
     unmerge_lora,
 )
 from loralab.variants import lora_plus_param_groups, pissa_factors
-from test_lora import tiny_gpt, tokens
 
-from conftest import compose
+from conftest import compose, tiny_gpt, tokens
 
 peft = pytest.importorskip("peft")
 

@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from loralab.adapter_slots import FROZEN, TRAINED
 from loralab.files import atomic_path
 from loralab.lora import (
     DEFAULT_ADAPTER,
-    FROZEN,
-    TRAINED,
     LoRAConfig,
     active_adapter,
     adapter_names,

@@ -5,7 +5,8 @@ directory, refreshed every ``checkpoint.every_n_steps`` optimizer steps by Light
 ``ModelCheckpoint``. It holds what training needs to go on exactly as if it had never
 stopped: the trainable weights (``LitTransformer`` leaves the frozen base out), the optimizer
 and scheduler state, the RNG states, the fit loop's progress and the data position
-(``loralab.data.ResumableLoader``), and the loss history.
+(``loralab.data.ResumableLoader``), and the loss history. A run stopped by SIGTERM or SIGINT
+saves it once more, at the end of the step it stopped after (``loralab.interrupts``).
 
 Lightning writes through fsspec, whose local "transaction" writes a temporary file in
 the system's temp directory and then *moves* it: across file systems that is a copy,
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.states import RunningStage
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from loralab.files import atomic_path
 
@@ -66,6 +69,15 @@ class LastCheckpoint(ModelCheckpoint):
             self._defer_save_until_validation = True
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_exception(self, trainer, pl_module, exception):
+        """An interrupted run keeps its steps (``loralab.interrupts``): Lightning raises
+        SIGTERMException once a step, and its validation, are done, and last.ckpt is taken
+        there. Lightning also raises it in the middle of a validation; then the checkpoint
+        before stands, because a run resumed there would finish that validation on the batches
+        left only, a val/loss no uninterrupted run logs."""
+        if isinstance(exception, SIGTERMException) and trainer.state.stage == RunningStage.TRAINING:
+            trainer.save_checkpoint(Path(self.dirpath) / LAST, weights_only=False)  # all of it, to resume from
 
 
 def validation_follows(trainer) -> bool:

@@ -21,12 +21,10 @@ import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import OmegaConf
 
-from loralab.adapters import ADAPTER_CONFIG, disable_adapter, load_adapter, set_adapter
-from loralab.base import BaseError, load_recorded_base
 from loralab.files import write_atomic
 from loralab.layout import (
     ADAPTER_DIR,
@@ -38,7 +36,9 @@ from loralab.layout import (
     read_adapter_config,
     read_summary,
 )
-from loralab.model import GPT
+
+if TYPE_CHECKING:
+    from loralab.model import GPT
 
 BASE = "base (no adapter)"
 
@@ -51,6 +51,8 @@ def completed_jobs(sweep_dir: Path) -> list[tuple[str, Path]]:
         if summary is not None and summary["status"] == "completed":
             jobs.append((summary.get("name") or job_dir.name, job_dir))
     if not jobs:
+        from loralab.adapters import ADAPTER_CONFIG  # here: importing it imports torch
+
         raise FileNotFoundError(f"{sweep_dir} holds no completed LoRA run "
                                 f"(expected <job>/{ADAPTER_DIR}/{ADAPTER_CONFIG})")
     return jobs
@@ -73,6 +75,8 @@ def require_shareable(jobs: list[tuple[str, Path]], cfg) -> None:
 
 def shared_base(jobs: list[tuple[str, Path]]) -> tuple[GPT, str]:
     """The one base every adapter of the sweep records, loaded and verified, and its hash."""
+    from loralab.base import BaseError, load_recorded_base
+
     bases = {json.dumps(read_adapter_config(d).get("base"), sort_keys=True) for _, d in jobs}
     if len(bases) != 1 or "null" in bases:
         raise BaseError("the sweep's adapters do not record one common base: evaluate them sweep by sweep")
@@ -80,7 +84,6 @@ def shared_base(jobs: list[tuple[str, Path]]) -> tuple[GPT, str]:
     return load_recorded_base(base), base["sha256"]
 
 
-@torch.no_grad()
 def held_out_loss(model: GPT, batches) -> float:
     """Mean next-token cross-entropy over every token of ``batches`` (as the runs' val/loss)."""
     model.eval()
@@ -92,14 +95,18 @@ def held_out_loss(model: GPT, batches) -> float:
     return total / tokens
 
 
-@torch.no_grad()
 def greedy(model: GPT, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    import torch
+
     idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
     out = model.eval().generate(idx, max_new_tokens, temperature=0)
     return tokenizer.decode(out[0, idx.size(1):].tolist())
 
 
 def evaluate_sweep(sweep_dir: Path, overrides: list[str], prompt: str | None, max_new_tokens: int) -> list[dict]:
+    import torch
+
+    from loralab.adapters import disable_adapter, load_adapter, set_adapter
     from loralab.data import TextDataModule, tokenizer_of
 
     jobs = completed_jobs(sweep_dir)
@@ -115,7 +122,7 @@ def evaluate_sweep(sweep_dir: Path, overrides: list[str], prompt: str | None, ma
     for i, (name, job_dir) in enumerate([(BASE, None), *jobs]):
         if job_dir is not None:
             set_adapter(model, f"job{i - 1}")
-        with disable_adapter(model) if job_dir is None else nullcontext():
+        with torch.no_grad(), disable_adapter(model) if job_dir is None else nullcontext():
             loss = held_out_loss(model, batches)
             row = {"run": name, "job": job_dir.name if job_dir else "", "val/loss": loss, "val/ppl": math.exp(loss),
                    "val/tokens": sum(y.numel() for _, y in batches)}
@@ -143,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # `data=text` picks the group in train.py; on a saved config it is data.corpus=text
     overrides = ["data.corpus=text" if o == "data=text" else o for o in args.overrides]
+    from loralab.base import BaseError  # torch: only once the arguments are known
+
     try:
         rows = evaluate_sweep(args.sweep_dir, overrides, args.prompt, args.max_new_tokens)
     except (FileNotFoundError, BaseError, ValueError) as e:

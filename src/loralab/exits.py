@@ -8,6 +8,8 @@ Exit codes of ``python train.py`` (a script can tell the outcomes apart):
     2  invalid config: its problems, one line each and nothing else (no run started); or a
        run directory it may not write into (``loralab.resume``)
     3  diverged: the loss became NaN or inf (in a sweep: no job failed, at least one diverged)
+    4  interrupted: SIGTERM or SIGINT stopped the run at a step boundary, its checkpoint
+       saved (``loralab.interrupts``); a sweep stops at that job. ``resume=true`` continues it
 
 Hydra prints an error as a header, the message, and a hint about HYDRA_FULL_ERROR;
 a config error printed that way is four lines for one. So ``run`` lets Hydra raise
@@ -30,8 +32,8 @@ from hydra.types import RunMode
 
 from loralab.layout import job_dirs, run_status
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_DIVERGED = 1, 2, 3
-STATUS_EXIT = {"completed": 0, "failed": EXIT_FAILED, "diverged": EXIT_DIVERGED}
+EXIT_FAILED, EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 4
+STATUS_EXIT = {"completed": 0, "failed": EXIT_FAILED, "diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}
 
 
 def run(hydra_main) -> None:

@@ -20,17 +20,21 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from loralab.adapters import ADAPTER_CONFIG, AdapterFileError, load_adapter_files, non_finite_weights
-from loralab.base import BaseError, load_recorded_base
 from loralab.layout import ADAPTER_DIR, adapter_dir, has_adapter, hydra_overrides, in_run_files, read_adapter_config
-from loralab.lora import LoRAConfig
-from loralab.model import GPT
+
+if TYPE_CHECKING:
+    from loralab.lora import LoRAConfig
+    from loralab.model import GPT
 
 
 def load_finetuned(run_dir: str | Path) -> tuple[GPT, LoRAConfig, dict]:
     """The fine-tuned model of a completed LoRA run (its recorded base with its adapter
     loaded), the adapter's LoRAConfig and the adapter's saved metadata."""
+    from loralab.adapters import ADAPTER_CONFIG, AdapterFileError, load_adapter_files, non_finite_weights
+    from loralab.base import BaseError, load_recorded_base
+
     run_dir = Path(run_dir)
     if not has_adapter(run_dir):
         raise FileNotFoundError(f"{str(run_dir)!r} is not a completed LoRA run: it has no "
@@ -85,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {out_dir} is inside the run's own files: export into another directory "
               f"(e.g. {Path(args.run_dir) / 'peft'})", file=sys.stderr)
         sys.exit(2)
+    # torch: only once the arguments are known, so that --help and bad arguments answer at once
+    from loralab.adapters import AdapterFileError
+    from loralab.base import BaseError
     from loralab.gpt2 import save_merged_gpt2
     from loralab.peft_adapter import export_peft_adapter
 

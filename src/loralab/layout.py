@@ -100,7 +100,7 @@ def run_status(run_dir: str | Path) -> str | None:
 
 def finished_summary(run_dir: str | Path) -> dict | None:
     """The run's summary when it holds a finished result, else None (never started,
-    killed, or failed: those ``resume=true`` runs again, from their last checkpoint)."""
+    killed, interrupted or failed: those ``resume=true`` runs again, from their last checkpoint)."""
     summary = read_summary(run_dir)
     return summary if summary is not None and summary["status"] in FINISHED else None
 

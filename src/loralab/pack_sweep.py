@@ -14,6 +14,7 @@ non-finite loss and ends ``diverged``, as it would alone.
 
 The checkpoints are also the pack's: a killed pack, resumed (``resume=true``), takes every job
 from its own checkpoint (read with ``weights_only=True``), a solo run's as well as a pack's.
+SIGTERM or SIGINT stops the pack at the end of a step, every job checkpointed there.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from loralab.base_evals import BaseEvaluations, split_key
 from loralab.checkpoints import LAST, AtomicCheckpointIO, last_checkpoint
 from loralab.config import lora_config_of
 from loralab.data import ResumableLoader, tokenizer_of
+from loralab.interrupts import Interrupted, catch_interrupts, stop_if_interrupted
 from loralab.layout import CHECKPOINTS_DIR
 from loralab.loggers import run_identity
 from loralab.model_kinds import KINDS
@@ -155,6 +157,7 @@ def train_pack(configs: list[DictConfig], run_dirs: list[Path], resume: bool) ->
     in its run directory. With ``resume``, each job goes on from the checkpoint it has."""
     from loralab.run import base_model  # the one way a base is found or pretrained
 
+    catch_interrupts()
     cfg = configs[0]
     model, base = base_model(cfg, run_identity(cfg))
     device = device_of(cfg.trainer)
@@ -189,6 +192,12 @@ def train_pack(configs: list[DictConfig], run_dirs: list[Path], resume: bool) ->
         for job in active:
             if job.diverged or job.step % cfg.checkpoint.every_n_steps == 0 or job.step == job.max_steps:
                 save_job_checkpoint(pack, job)
+        try:
+            stop_if_interrupted()  # SIGTERM / SIGINT stop the pack here, at a step boundary
+        except Interrupted:
+            for job in active:
+                save_job_checkpoint(pack, job)
+            raise
         active = [j for j in active if not j.diverged and j.step < j.max_steps]
 
 

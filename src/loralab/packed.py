@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loralab.lora import LoRAAdapter, LoRAConfig, find_targets
+from loralab.adapter_slots import LoRAAdapter
+from loralab.lora import LoRAConfig, find_targets
 from loralab.model import GPT
 from loralab.schedule import warmup_cosine
 from loralab.surgery import replace_module

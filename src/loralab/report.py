@@ -104,6 +104,11 @@ class Run:
         return rank if self.lora.get("enabled") and isinstance(rank, int) else None
 
     @property
+    def finished(self) -> bool:
+        """The job has ended for good: not running, not yet started, not interrupted (resumable)."""
+        return self.status not in ("unfinished", "not started", "interrupted")
+
+    @property
     def has_result(self) -> bool:
         return self.status == "completed" and math.isfinite(self.metrics.get("val/loss", math.nan))
 
@@ -244,7 +249,7 @@ def report_markdown(sweep_dir: Path, runs: list[Run], settings: list[Setting], s
     pairs = ["## Every pair of settings", PAIRS_NOTE, every_pair(settings)] if len(comparable(settings)) > 2 else []
     parts = [f"# Sweep report: {sweep_dir}", f"{len(runs)} runs: {tally}.",
              "## Settings (mean over completed seeds, 95 % CI)", STATS_NOTE, setting_table,
-             "## Comparisons with the best setting", verdicts(settings),
+             f"## Comparisons with the {best_label(settings)}", verdicts(settings),
              *pairs, *tuned_section,
              "## Runs", table, "## Plots", *plots, "## Inside the adapters", analysis_link(sweep_dir)]
     return "\n\n".join(parts) + "\n"
@@ -262,9 +267,18 @@ def analysis_link(sweep_dir: Path) -> str:
 
 STATS_NOTE = ("Runs that differ only in `seed` are one setting. n counts completed seeds; failed, diverged "
               "and unfinished seeds are counted apart and left out of the statistics. ± is the half-width "
-              "of the 95 % Student-t confidence interval of the mean. A setting differs from the best only "
-              "when the 95 % CI of the difference excludes zero (paired t-test over shared seeds, "
-              "else Welch's t-test).")
+              "of the 95 % Student-t confidence interval of the mean; test/loss and forget/increase are "
+              "blank where the runs did not measure them. Each setting is compared with the best on the "
+              "final val/loss (paired t-test over shared seeds, else Welch's t-test): p is raw, Holm p is "
+              "adjusted over all the comparisons with the best, and a setting is worse beyond noise only "
+              "when Holm p < 0.05; otherwise the difference is not shown at these seeds, and the 95 % CI "
+              "of the difference bounds how large it can be.")
+
+
+def best_label(settings: list[Setting]) -> str:
+    """"best setting", or "best so far (k of N finished)" while jobs of the sweep are still to run."""
+    best = next((s for s in settings if s.best), None)
+    return "best setting" if best is None or best.best == "best" else best.best
 def mean_ci(est: stats.Estimate | None, fmt: str = "{:.4f}") -> str:
     if est is None:
         return ""
@@ -274,37 +288,41 @@ def mean_ci(est: stats.Estimate | None, fmt: str = "{:.4f}") -> str:
 
 
 def settings_markdown(settings: list[Setting]) -> str:
-    header = ["setting", "n", "not completed", "val/loss", "std", "best/val_loss", "gain/val_loss",
-              "params/trainable", "vs best"]
+    header = ["setting", "n", "not completed", "val/loss", "std", "test/loss", "best/val_loss", "gain/val_loss",
+              "forget/increase", "params/trainable", "p", "Holm p", "vs best"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in settings:
         est = s.estimates["val/loss"]
         params = setting_row(s)["params/trainable"]
+        p_raw = s.vs_best.p_value if s.vs_best else None
         cells = [s.name, str(len(s.completed)), str(len(s.runs) - len(s.completed)), mean_ci(est),
                  f"{est.std:.4f}" if est is not None and est.std is not None else "",
-                 mean_ci(s.estimates["best/val_loss"]), mean_ci(s.estimates["gain/val_loss"], "{:+.4f}"),
-                 f"{params:,}" if params is not None else "", s.verdict]
+                 mean_ci(s.estimates["test/loss"]), mean_ci(s.estimates["best/val_loss"]),
+                 mean_ci(s.estimates["gain/val_loss"], "{:+.4f}"), mean_ci(s.estimates["forget/increase"], "{:+.4f}"),
+                 f"{params:,}" if params is not None else "", "" if p_raw is None else f"{p_raw:.3g}",
+                 "" if s.p_holm is None else f"{s.p_holm:.3g}", s.verdict]
         lines.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
     return "\n".join(lines)
 
 
 def verdicts(settings: list[Setting]) -> str:
-    """One sentence per setting against the best: the difference, its CI, the p-value."""
-    best = next((s for s in settings if s.is_best), None)
+    """One sentence per setting against the best: the difference, its CI, the raw and Holm p-values;
+    mid-sweep the best is the best so far, never "Best setting"."""
+    best = next((s for s in settings if s.best), None)
     if best is None:
         return "No setting completed."
     n = len(best.completed)
-    lines = [f"Best setting: **{best.name}** (final val/loss {mean_ci(best.estimates['val/loss'])}, {n} seed"
-             f"{'s' if n != 1 else ''})."]
+    lines = [f"{best_label(settings).capitalize()}: **{best.name}** (final val/loss "
+             f"{mean_ci(best.estimates['val/loss'])}, {n} seed{'s' if n != 1 else ''})."]
     for s in settings:
         c = s.vs_best
-        if s.is_best or c is None:
+        if c is None:
             continue
         if c.ci is None:
             lines.append(f"- {s.name}: {c.diff:+.4f} against the best; no test (a setting has fewer than 2 seeds).")
             continue
         lines.append(f"- {s.name}: {c.diff:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}] against the best, "
-                     f"p = {c.p_value:.3g} ({c.test}): {s.verdict}.")
+                     f"p = {c.p_value:.3g} (Holm p = {s.p_holm:.3g}, {c.test}): {s.verdict}.")
     return "\n".join(lines)
 
 
@@ -325,16 +343,13 @@ def every_pair(settings: list[Setting]) -> str:
     compared = [(a, b, stats.compare(a.by_seed(), b.by_seed()))
                 for a, b in itertools.combinations(comparable(settings), 2)]
     adjusted = stats.holm([c.p_value for _, _, c in compared])
-    return "\n".join(pair_line(a.name, b.name, c, p, "val/loss", min(len(a.completed), len(b.completed)))
-                     for (a, b, c), p in zip(compared, adjusted))
+    return "\n".join(pair_line(a.name, b.name, c, p, "val/loss") for (a, b, c), p in zip(compared, adjusted))
 
 
-def pair_line(a: str, b: str, c: stats.Comparison, p_adjusted: float, metric: str, n: int) -> str:
+def pair_line(a: str, b: str, c: stats.Comparison, p_adjusted: float, metric: str) -> str:
     """``a − b: diff [CI], p = raw (Holm p = adjusted, test): verdict`` — never "the same"."""
-    if p_adjusted < tuning.SIGNIFICANCE:
-        verdict = f"{a if c.diff < 0 else b} has the lower {metric}"
-    else:
-        verdict = f"not shown at {n} seeds, |diff| < {max(abs(c.ci[0]), abs(c.ci[1])):.4f}"
+    lower = a if c.diff < 0 else b
+    verdict = f"{lower} has the lower {metric}" if p_adjusted < stats.SIGNIFICANCE else stats.not_shown(c)
     return (f"- {a} − {b}: {c.diff:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}], p = {c.p_value:.3g} "
             f"(Holm p = {p_adjusted:.3g}, {c.test}): {verdict}.")
 
@@ -362,7 +377,7 @@ def tuned_markdown(tuned: list[tuning.TunedSetting], key: str) -> list[str]:
                  mean_ci(p.estimate("forget/increase") if p else None, "{:+.4f}"), t.note]
         lines.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
     pairs = tuning.pairs(tuned)
-    pair_lines = [pair_line(q.a.name, q.b.name, q.comparison, q.p_adjusted, "test/loss", q.n) for q in pairs]
+    pair_lines = [pair_line(q.a.name, q.b.name, q.comparison, q.p_adjusted, "test/loss") for q in pairs]
     return [f"## Settings at their own best {key}", TUNED_NOTE.format(key=key), "\n".join(lines),
             f"### Every pair at the chosen {key} (test/loss, Holm-adjusted)",
             "\n".join(pair_lines) or "No pair with at least 2 completed seeds each."]

@@ -47,6 +47,14 @@ from loralab.console import silence_known_noise
 from loralab.data import SeededDataModule, tokenizer_of
 from loralab.distributed import ReplicaCheck, end_process_group, is_rank_zero, run_only_this_job
 from loralab.gpt2 import load_gpt2
+from loralab.interrupts import (
+    INTERRUPTIONS,
+    Interrupted,
+    StopOnInterrupt,
+    catch_interrupts,
+    interruption,
+    stop_if_interrupted,
+)
 from loralab.layout import CHECKPOINTS_DIR, adapter_dir, finished_summary, write_summary
 from loralab.loggers import RunIdentity, finish_logger, log_adapter, make_logger, run_identity
 from loralab.lora import LoRAConfig, inject_lora
@@ -64,6 +72,7 @@ def train(cfg: DictConfig, packed: bool = False) -> float:
     """Fine-tune one run as ``cfg`` describes; return its best val/loss (+inf if it diverged).
     ``packed``: the run was trained in a pack (``loralab.pack_sweep``), which left its checkpoint."""
     silence_known_noise()
+    catch_interrupts()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = run_identity(cfg)
@@ -76,6 +85,7 @@ def train(cfg: DictConfig, packed: bool = False) -> float:
     summary = {"status": "failed", "error": None, "name": identity.name, "overrides": identity.overrides,
                "setting_id": identity.setting_id}
     try:
+        stop_if_interrupted()  # a sweep's next job, after a signal
         validate(cfg)
         run_only_this_job(cfg.trainer)
         model, base = base_model(cfg, identity)
@@ -105,6 +115,10 @@ def train(cfg: DictConfig, packed: bool = False) -> float:
         # +inf, not NaN, when it diverged: a search ranks it last (Optuna 2.10 refuses a NaN
         # objective, and hydra-optuna-sweeper then stops the whole search)
         return summary["metrics"]["best/val_loss"] if summary["status"] == "completed" else math.inf
+    except INTERRUPTIONS:
+        summary["status"] = "interrupted"
+        summary["error"] = f"stopped by {interruption()}: resume=true continues it from its last checkpoint"
+        raise Interrupted() from None
     except Exception as e:
         summary["error"] = f"{type(e).__name__}: {e}"
         raise
@@ -183,7 +197,8 @@ def fit(cfg: DictConfig, model: GPT | ViT, data: SeededDataModule, identity: Run
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
     replicas, analysis, recorded = ReplicaCheck(), AdapterAnalysis(), Recorded()
     checkpoints = LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps)
-    callbacks = [count, throughput, replicas, merge_check, history, checkpoints, analysis, recorded]
+    callbacks = [StopOnInterrupt(), count, throughput, replicas, merge_check, history, checkpoints, analysis,
+                 recorded]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(job_type))
     resume_from = last_checkpoint(checkpoint_dir) if resume else None

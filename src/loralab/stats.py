@@ -5,8 +5,9 @@ by its mean, sample standard deviation and a 95 % Student-t confidence interval 
 the mean. Two settings are compared by the difference of their means, with its
 95 % CI and a p-value: a paired t-test when both ran the same seeds (the same seed
 means the same LoRA initialisation and data order, so much of the noise cancels in
-the per-seed differences), Welch's t-test otherwise. A difference counts only when
-its CI excludes zero. The distributions are scipy's.
+the per-seed differences), Welch's t-test otherwise. Many comparisons at once are
+Holm-adjusted, and a difference counts only when its adjusted p < 0.05; one that does
+not is "not shown", bounded by its CI, never "the same". The distributions are scipy's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 CONFIDENCE = 0.95
+SIGNIFICANCE = 0.05  # an adjusted p below it: the difference is beyond seed noise
 
 
 @dataclass
@@ -48,17 +50,24 @@ def estimate(values: list[float], confidence: float = CONFIDENCE) -> Estimate:
 
 @dataclass
 class Comparison:
-    """``a`` minus ``b``: the difference of means, its CI, the p-value and the test used."""
+    """``a`` minus ``b``: the difference of means, its CI, the p-value and the test used, over
+    ``n`` seeds (paired: the shared ones; Welch: the smaller sample)."""
 
     test: str  # "paired t" | "Welch t" | "none"
+    n: int
     diff: float
     ci: tuple[float, float] | None
     p_value: float | None
 
     @property
-    def distinguishable(self) -> bool:
-        """True only when the CI of the difference excludes zero."""
-        return self.ci is not None and (self.ci[0] > 0 or self.ci[1] < 0)
+    def bound(self) -> float:
+        """The 95 % CI says |diff| is below this: its far end from zero."""
+        return max(abs(self.ci[0]), abs(self.ci[1]))
+
+
+def not_shown(c: Comparison) -> str:
+    """The verdict on a difference that is not beyond noise: what the seeds rule out, no more."""
+    return f"not shown at {c.n} seeds, |diff| < {c.bound:.4f}"
 
 
 def compare(a: dict[int, float], b: dict[int, float], confidence: float = CONFIDENCE) -> Comparison:
@@ -75,26 +84,26 @@ def paired(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> Co
     diffs = [x - y for x, y in zip(a, b)]
     est = estimate(diffs, confidence)
     if est.std == 0:  # identical differences: no noise to test against
-        return Comparison("paired t", est.mean, (est.mean, est.mean), 0.0 if est.mean else 1.0)
+        return Comparison("paired t", len(a), est.mean, (est.mean, est.mean), 0.0 if est.mean else 1.0)
     p = stats.ttest_rel(a, b).pvalue
-    return Comparison("paired t", est.mean, est.ci, float(p))
+    return Comparison("paired t", len(a), est.mean, est.ci, float(p))
 
 
 def welch(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> Comparison:
     """Welch's unequal-variance t-test; the CI uses the Welch–Satterthwaite degrees of freedom."""
     from scipy import stats
 
-    diff = sum(a) / len(a) - sum(b) / len(b)
-    if len(a) < 2 or len(b) < 2:
-        return Comparison("none", diff, None, None)
+    diff, n = sum(a) / len(a) - sum(b) / len(b), min(len(a), len(b))
+    if n < 2:
+        return Comparison("none", n, diff, None, None)
     va, vb = estimate(a).std ** 2 / len(a), estimate(b).std ** 2 / len(b)
     se = math.sqrt(va + vb)
     if se == 0:
-        return Comparison("Welch t", diff, (diff, diff), 0.0 if diff else 1.0)
+        return Comparison("Welch t", n, diff, (diff, diff), 0.0 if diff else 1.0)
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     half = stats.t.ppf(0.5 + confidence / 2, df=df) * se
     p = stats.ttest_ind(a, b, equal_var=False).pvalue
-    return Comparison("Welch t", diff, (diff - half, diff + half), float(p))
+    return Comparison("Welch t", n, diff, (diff - half, diff + half), float(p))
 
 
 def holm(p_values: list[float]) -> list[float]:

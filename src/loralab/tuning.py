@@ -23,7 +23,6 @@ from loralab.layout import SEED_KEY, setting_label
 
 TUNE_KEY = "optim.lr"  # tuned by default whenever a sweep varies it
 TUNED_COLUMNS = ["setting", "lr", "n", "val_loss_mean", "test_loss_mean", "test_loss_ci_low", "test_loss_ci_high"]
-SIGNIFICANCE = 0.05
 
 
 @dataclass
@@ -123,26 +122,6 @@ class Pair:
     b: TunedSetting
     comparison: stats.Comparison
     p_adjusted: float
-
-    @property
-    def n(self) -> int:
-        return min(len(self.a.chosen.completed), len(self.b.chosen.completed))
-
-    @property
-    def differs(self) -> bool:
-        return self.p_adjusted < SIGNIFICANCE
-
-    @property
-    def bound(self) -> float:
-        """The 95 % CI says |diff| is below this."""
-        return max(abs(self.comparison.ci[0]), abs(self.comparison.ci[1]))
-
-    @property
-    def verdict(self) -> str:
-        if self.differs:
-            lower = self.a if self.comparison.diff < 0 else self.b
-            return f"{lower.name} has the lower test/loss"
-        return f"not shown at {self.n} seeds, |diff| < {self.bound:.4f}"
 
 
 def pairs(settings: list[TunedSetting], metric: str = "test/loss") -> list[Pair]:

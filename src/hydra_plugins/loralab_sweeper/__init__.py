@@ -11,6 +11,9 @@ Hydra instantiates sweepers only from there; what it does lives in loralab:
 - **No result overwritten.** A sweep directory that holds jobs is refused, or with
   ``resume=true`` continued: finished jobs are skipped, the others launched under their
   own job numbers (``loralab.resume``).
+- **An interrupted job ends the sweep.** SIGTERM or SIGINT stops the job at a step boundary,
+  checkpointed; the jobs after it do not start, the report is written, and ``resume=true``
+  continues from that job (``loralab.interrupts``).
 """
 
 from dataclasses import dataclass
@@ -58,7 +61,7 @@ class LoRASweeper(BasicSweeper):
                 for r in results:
                     _ = r.return_value  # raises a failed job's error, as BasicSweeper does
                 returns.append(results)
-        except Exception:
+        except BaseException:  # a job's error, or an interrupted job (a SystemExit: the sweep stops there)
             end_sweep(self.config)  # Hydra's on_multirun_end, which it skips once a job raised
             raise
         return returns
