@@ -39,6 +39,7 @@ from loralab.data import ResumableLoader, tokenizer_of
 from loralab.interrupts import Interrupted, catch_interrupts, stop_if_interrupted
 from loralab.layout import CHECKPOINTS_DIR
 from loralab.loggers import run_identity
+from loralab.memory import available_memory_mb
 from loralab.model_kinds import KINDS
 from loralab.module import rng_states
 from loralab.packed import JobSpec, Pack, unpackable
@@ -79,9 +80,29 @@ def shared_settings(cfg: DictConfig) -> str:
     return json.dumps(shared, sort_keys=True, default=str)
 
 
+def activation_mb(cfg: DictConfig) -> float:
+    """A rough bound on one job's share of a pack's memory: the activations its batch keeps for
+    the backward pass, float32, per layer about 16 × n_embd (attention, MLP, norms) and
+    2 × n_head × block_size (the attention scores) per position, and its logits."""
+    m, rows = cfg.model, cfg.data.batch_size * cfg.model.block_size
+    per_position = m.n_layer * (16 * m.n_embd + 2 * m.n_head * m.block_size) + 3 * m.vocab_size
+    return 4 * rows * per_position / 2**20
+
+
+def memory_bound(cfg: DictConfig) -> tuple[int | None, str]:
+    """How many jobs like ``cfg`` fit in one pack within half the memory available now, and
+    the line that says so (None, and why not, where the available memory is unknown)."""
+    need, free = activation_mb(cfg), available_memory_mb(device_of(cfg.trainer))
+    if free is None:
+        return None, f"~{need:.0f} MB a job; the memory available is unknown here"
+    fit = max(1, int(free / 2 // need))
+    return fit, f"~{need:.0f} MB a job: {fit} fit in half of the {free:.0f} MB available"
+
+
 def plan(configs: list[DictConfig], pack_size: int | None) -> tuple[list[list[int]], dict[int, str]]:
-    """The packs (job indices, in job order, at most ``pack_size`` each), and each job that runs
-    alone with why. A job whose settings no other job shares runs alone too."""
+    """The packs (job indices, in job order, at most ``pack_size`` each, and no more than fit in
+    memory, ``memory_bound``), and each job that runs alone with why. A job whose settings no
+    other job shares runs alone too."""
     alone, groups = {}, {}
     for i, cfg in enumerate(configs):
         if reason := why_alone(cfg):
@@ -90,7 +111,9 @@ def plan(configs: list[DictConfig], pack_size: int | None) -> tuple[list[list[in
             groups.setdefault(shared_settings(cfg), []).append(i)
     packs = []
     for jobs in groups.values():
-        size = pack_size or len(jobs)
+        fit, why = memory_bound(configs[jobs[0]])
+        size = min(pack_size or len(jobs), fit or len(jobs))
+        log.info("pack memory: %s", why)
         for start in range(0, len(jobs), size):
             chunk = jobs[start:start + size]
             if len(chunk) == 1:
