@@ -3,6 +3,8 @@
 import json
 import multiprocessing as mp
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 import torch
@@ -27,15 +29,30 @@ def slow_pretrain_job(cache_dir, calls_dir, job):
     torch.save(model.state_dict(), calls_dir / f"weights-{job}.pt")
 
 
-def test_two_concurrent_jobs_pretrain_once_and_get_the_same_base(tmp_path):
+def run_in_threads(jobs) -> None:
+    """The jobs at the same time in this process: each opens the lock file itself, as a
+    process does, so they contend for the same file lock."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result(timeout=120)
+
+
+def run_in_processes(jobs) -> None:
+    """The jobs at the same time in fresh processes, as a sweep's launcher runs them."""
+    processes = [mp.get_context("spawn").Process(target=job) for job in jobs]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+
+
+@pytest.mark.parametrize("run_jobs", [run_in_threads, pytest.param(run_in_processes, marks=pytest.mark.slow)],
+                         ids=["threads", "processes"])  # processes: seconds of imports each
+def test_two_concurrent_jobs_pretrain_once_and_get_the_same_base(tmp_path, run_jobs):
     cache_dir, calls_dir = tmp_path / "cache", tmp_path / "calls"
     calls_dir.mkdir()
-    jobs = [mp.get_context("spawn").Process(target=slow_pretrain_job, args=(cache_dir, calls_dir, i)) for i in (0, 1)]
-    for job in jobs:
-        job.start()
-    for job in jobs:
-        job.join(timeout=120)
-        assert job.exitcode == 0
+    run_jobs([partial(slow_pretrain_job, cache_dir, calls_dir, i) for i in (0, 1)])
     assert len(list(calls_dir.glob("pretrained-by-*"))) == 1
     a, b = (torch.load(calls_dir / f"weights-{i}.pt") for i in (0, 1))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

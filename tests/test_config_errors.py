@@ -4,14 +4,18 @@ is allowed: the config's own checks, Hydra's composition errors, and train.py as
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from loralab.config import ConfigError, validate
+from loralab.config import ConfigError, Problems, check_cache_dir, validate
 from loralab.exits import EXIT_CONFIG, config_error_lines
+from loralab.resume import SweepDirError, check_run_dir
 
 from conftest import TINY, compose, run_train
 
@@ -28,6 +32,7 @@ def files(tmp_path) -> Path:
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 20)  # NUL bytes
     (tmp_path / "latin1.txt").write_bytes("é à ü ".encode("latin-1") * 200)  # 3 of 7 bytes not UTF-8
     (tmp_path / "fake.safetensors").write_text("not a safetensors file")
+    (tmp_path / "a_file").write_text("")
     (tmp_path / "no_config").mkdir()
     (tmp_path / "no_weights").mkdir()
     (tmp_path / "no_weights" / "config.json").write_text(json.dumps({"n_layer": 2, "n_embd": 64, "n_head": 2}))
@@ -72,6 +77,11 @@ BAD_INPUTS = [  # (overrides, the one line's beginning, what it must also say)
     ("+trainer.max_time=nan", "trainer.max_time=nan is invalid", "a finite number"),
     ("trainer.val_check_interval=0.5", "trainer.val_check_interval=0.5 is invalid", "a positive integer"),
     ("trainer.limit_val_batches=0", "trainer.limit_val_batches=0 is invalid", "a fraction in (0, 1]"),
+    ("paths.cache_dir=a_file", "paths.cache_dir='a_file' is invalid",
+     "a directory this process can create and write in; {files}/a_file is a file, not a directory"),
+    ("paths.cache_dir=a_file/cache", "paths.cache_dir='a_file/cache' is invalid", "a_file is a file, not a directory"),
+    (f"paths.cache_dir=cache/{'x' * 256}", f"paths.cache_dir='cache/{'x' * 256}' is invalid",
+     "its name xxxxxxxxxxxxxxxxxxxxxxxx... is 256 bytes long; this file system allows 255"),
 ]
 
 
@@ -84,8 +94,41 @@ def test_each_bad_input_is_one_line_naming_key_value_and_what_is_allowed(files, 
     with pytest.raises(ConfigError) as error:
         validate(cfg)
     [only] = str(error.value).splitlines()
-    assert only.startswith(line) and detail in only, only
+    assert only.startswith(line) and detail.format(files=files) in only, only
     assert not cache.exists() and not (files / "run").exists()  # nothing was built or written
+
+
+@contextmanager
+def as_a_user():
+    """The block runs with a user's rights (nobody's), when this process is root: root writes
+    into read-only directories, which a user's run cannot."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_a_read_only_cache_or_run_directory_is_one_line_before_any_work():
+    with tempfile.TemporaryDirectory() as tmp:
+        read_only = Path(tmp)
+        read_only.chmod(0o555)  # readable, not writable
+        problems = Problems()
+        with as_a_user():  # only the check: nobody may not read this interpreter's own files under /root
+            check_cache_dir(str(read_only / "cache"), problems)
+        assert problems.lines == [f"paths.cache_dir='{read_only / 'cache'}' is invalid: expected a directory this "
+                                  f"process can create and write in; {read_only} is read-only for this process"]
+        cfg = compose([*TINY, "paths.output_dir=unused"])
+        with as_a_user(), pytest.raises(SweepDirError) as error:
+            check_run_dir(read_only / "run", cfg, resume=False)
+        assert str(error.value) == (f"hydra.run.dir='{read_only / 'run'}' is invalid: expected a directory this "
+                                    f"process can create and write in; {read_only} is read-only for this process")
+        assert list(read_only.iterdir()) == []
 
 
 def test_an_accelerator_this_machine_lacks_is_refused():
@@ -125,6 +168,8 @@ def test_hydra_composition_errors_become_one_line_naming_the_key(override, line)
                            "(65 tokens) in each split; it holds 5 in the validation split (val_fraction=0.05)"),
     ("data=text data.train_path=binary.bin", "data.train_path='binary.bin' is invalid: expected a readable UTF-8 "
                                              "text file; binary.bin holds NUL bytes: a binary file, not text"),
+    ("paths.cache_dir=a_file", "paths.cache_dir='a_file' is invalid: expected a directory this process can create "
+                               "and write in; {files}/a_file is a file, not a directory"),
 ])
 def test_a_bad_input_prints_its_line_alone_and_does_no_work(files, overrides, line):
     started = time.time()
@@ -132,6 +177,21 @@ def test_a_bad_input_prints_its_line_alone_and_does_no_work(files, overrides, li
                        check=False)
     wall_s = time.time() - started
     assert result.returncode == EXIT_CONFIG
-    assert result.stderr == line + "\n" and result.stdout == ""
+    assert result.stderr == line.format(files=files) + "\n" and result.stdout == ""
     assert not (files / "outputs" / "cache").exists()  # the default cache: nothing pretrained
     assert wall_s < 90  # imports only (slower on a loaded machine); pretraining the default base takes minutes
+
+
+@pytest.mark.slow
+def test_a_run_or_job_directory_it_cannot_make_is_one_line_before_any_work(tmp_path):
+    long = "x" * 256  # one more byte than a name may have (NAME_MAX) on Linux's file systems
+    why_not = "is invalid: expected a directory this process can create and write in; its name " + "x" * 24 + "..."
+    limit = "this file system allows 255\n"
+    single = run_train([*TINY, f"hydra.run.dir={tmp_path / long}"], cwd=tmp_path, check=False)
+    assert single.returncode == EXIT_CONFIG and single.stdout == ""
+    assert single.stderr == f"hydra.run.dir='{tmp_path / long}' {why_not} is 256 bytes long; {limit}"
+    sweep = run_train(["-m", "lora.rank=2,4", *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                       f"hydra.sweep.subdir={long}_${{hydra.job.num}}"], cwd=tmp_path, check=False)
+    assert sweep.returncode == EXIT_CONFIG
+    assert sweep.stderr == f"hydra.sweep.subdir='{long}_0' {why_not} is 258 bytes long; {limit}"
+    assert list(tmp_path.iterdir()) == []  # nothing was written

@@ -391,3 +391,25 @@ def test_any_garbage_summary_is_its_row_and_the_rest_of_the_report_is_built(tmp_
                                                              ("lora.rank=4", "unreadable")]
     assert rows[1]["error"].startswith("unreadable: ")
     assert (tmp_path / "loss_curves.png").is_file()  # the plots of the readable run were drawn
+
+
+def test_values_from_a_summary_are_escaped_and_each_run_stays_one_table_row(tmp_path):
+    import re
+
+    from loralab.report import COLUMNS, write_report
+
+    planted = ["lora.rank=4", "data.train_path='a|b<script>alert(1)</script>'"]
+    job_with_summary_text(tmp_path, "0", ["lora.rank=2"], completed_summary(["lora.rank=2"], 2.5))
+    job_with_summary_text(tmp_path, "1", planted, json.dumps({**json.loads(completed_summary(planted, 2.4)),
+                                                              "status": "<img src=x onerror=alert(1)>|",
+                                                              "error": "<b>x</b> | y\n| 9 | forged row |"}))
+    write_report(tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "<script" not in markdown and "<img" not in markdown and "<b>" not in markdown
+    [row] = [line for line in markdown.splitlines() if line.startswith("| 1 |")]
+    assert len(re.findall(r"(?<!\\)\|", row)) == len(COLUMNS) + 1  # a cell's own | is escaped
+    assert r"a\|b&lt;script&gt;alert(1)&lt;/script&gt;" in row and r"&lt;img src=x onerror=alert(1)&gt;\|" in row
+    assert r"&lt;b&gt;x&lt;/b&gt; \| y" in row and "forged row" not in markdown  # an error's first line only
+    setting = r"data.train_path='a\|b&lt;script&gt;alert(1)&lt;/script&gt;'"
+    [setting_row] = [line for line in markdown.splitlines() if line.startswith("| lora.rank=4,data")]
+    assert setting in setting_row and len(re.findall(r"(?<!\\)\|", setting_row)) == 14

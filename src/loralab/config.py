@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from loralab.base import BaseError, config_of_base, read_base_metadata
 from loralab.data import CORPORA, ByteTokenizer, corpus_splits, read_text_file, tokenizer_of
+from loralab.files import WRITABLE_DIR, unwritable
 from loralab.gpt2 import WEIGHTS, our_target_modules, read_gpt2_config
 from loralab.hardware import available_accelerators, device_kind, precision_problem, unified_precision
 from loralab.lora import LoRAConfig, inject_lora
@@ -108,6 +109,7 @@ def validate(cfg: DictConfig) -> None:
         check_data(cfg.base, "base", problems, text_config if pretrains else None, ByteTokenizer(), corpora)
         check_training(cfg, problems)
         check_hardware(cfg.trainer, problems)
+        check_cache_dir(cfg.paths.cache_dir, problems)
         problems.finite(OmegaConf.to_container(cfg, resolve=False))
     if problems.lines:
         raise ConfigError("\n".join(problems.lines))
@@ -305,6 +307,13 @@ def check_training(cfg: DictConfig, problems: Problems) -> None:
     if cfg.logger.kind == "wandb":
         problems.require(cfg.logger.mode in WANDB_MODES, "logger.mode", cfg.logger.mode, f"one of {list(WANDB_MODES)}")
     problems.number(cfg.merge_tolerance, "merge_tolerance")
+
+
+def check_cache_dir(cache_dir: str, problems: Problems) -> None:
+    """The cache of pretrained bases can be made and written; the run's own directory is
+    checked before Hydra makes it (``loralab.resume``)."""
+    why_not = unwritable(cache_dir)
+    problems.require(why_not is None, "paths.cache_dir", cache_dir, f"{WRITABLE_DIR}; {why_not}")
 
 
 def check_trainer_numbers(trainer: DictConfig, problems: Problems) -> None:

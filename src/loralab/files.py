@@ -42,6 +42,36 @@ def write_json(path: str | Path, data) -> None:
     write_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
+WRITABLE_DIR = "a directory this process can create and write in"  # what a path must be, as a config error says
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why this process cannot make ``path`` a directory and write in it, or None: a name in it
+    longer than its file system allows (NAME_MAX), a file where a directory must be, or a
+    directory this process may not write (read-only, or another user's). Nothing is created."""
+    path = Path(os.path.abspath(path))
+    limit = os.pathconf(path.anchor, "PC_PATH_MAX")
+    if len(os.fsencode(path)) >= limit:
+        return f"the path is {len(os.fsencode(path))} bytes long; this file system allows {limit - 1}"
+    existing, exists = Path(path.anchor), True
+    for name in path.parts[1:]:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+        if len(os.fsencode(name)) > limit:
+            return f"its name {name[:24]}... is {len(os.fsencode(name))} bytes long; this file system allows {limit}"
+        try:
+            if exists and (existing / name).is_dir():
+                existing = existing / name
+            elif exists and (existing / name).exists():
+                return f"{existing / name} is a file, not a directory"
+            else:
+                exists = False
+        except PermissionError:
+            return f"{existing} may not be entered by this process"
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return f"{existing} is read-only for this process"
+    return None
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import html
 import io
 import itertools
 import logging
@@ -217,9 +218,19 @@ def to_csv(rows: list[dict], columns: list[str]) -> str:
 
 def to_markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        lines.append("| " + " | ".join(markdown_cell(name, row[name]) for name in COLUMNS) + " |")
+    lines += [markdown_row([markdown_cell(name, row[name]) for name in COLUMNS]) for row in rows]
     return "\n".join(lines)
+
+
+def markdown_row(cells: list[str]) -> str:
+    """One table row: a ``|`` inside a cell would end it."""
+    return "| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |"
+
+
+def plain(text) -> str:
+    """Text read from a run's files (an override, a status, an error) as Markdown shows it: on
+    one line, and no HTML (a ``<script>`` in a summary.json stays text)."""
+    return html.escape(" ".join(str(text).split()), quote=False)
 
 
 def markdown_cell(column: str, value) -> str:
@@ -230,10 +241,10 @@ def markdown_cell(column: str, value) -> str:
     elif column == "wall_time_s":
         text = f"{value:.1f}"
     elif column == "error":
-        text = shorten(value)
+        text = plain(shorten(value))
     else:
-        text = str(value)
-    return text.replace("|", r"\|")
+        text = plain(value)
+    return text
 
 
 def shorten(error: str) -> str:
@@ -243,7 +254,7 @@ def shorten(error: str) -> str:
 
 def report_markdown(sweep_dir: Path, runs: list[Run], settings: list[Setting], setting_table: str, table: str,
                     skipped: dict[str, str], tuned_section: list[str]) -> str:
-    tally = ", ".join(f"{n} {status}" for status, n in Counter(run.status for run in runs).items())
+    tally = ", ".join(f"{n} {plain(status)}" for status, n in Counter(run.status for run in runs).items())
     plots = [f"No `{name}`: {skipped[name]}." if name in skipped else f"![{name}]({name})" for name, _, _ in PLOTS]
     # with two settings the one pair is the comparison with the best
     pairs = ["## Every pair of settings", PAIRS_NOTE, every_pair(settings)] if len(comparable(settings)) > 2 else []
@@ -295,13 +306,13 @@ def settings_markdown(settings: list[Setting]) -> str:
         est = s.estimates["val/loss"]
         params = setting_row(s)["params/trainable"]
         p_raw = s.vs_best.p_value if s.vs_best else None
-        cells = [s.name, str(len(s.completed)), str(len(s.runs) - len(s.completed)), mean_ci(est),
+        cells = [plain(s.name), str(len(s.completed)), str(len(s.runs) - len(s.completed)), mean_ci(est),
                  f"{est.std:.4f}" if est is not None and est.std is not None else "",
                  mean_ci(s.estimates["test/loss"]), mean_ci(s.estimates["best/val_loss"]),
                  mean_ci(s.estimates["gain/val_loss"], "{:+.4f}"), mean_ci(s.estimates["forget/increase"], "{:+.4f}"),
                  f"{params:,}" if params is not None else "", "" if p_raw is None else f"{p_raw:.3g}",
                  "" if s.p_holm is None else f"{s.p_holm:.3g}", s.verdict]
-        lines.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
+        lines.append(markdown_row(cells))
     return "\n".join(lines)
 
 
@@ -312,16 +323,17 @@ def verdicts(settings: list[Setting]) -> str:
     if best is None:
         return "No setting completed."
     n = len(best.completed)
-    lines = [f"{best_label(settings).capitalize()}: **{best.name}** (final val/loss "
+    lines = [f"{best_label(settings).capitalize()}: **{plain(best.name)}** (final val/loss "
              f"{mean_ci(best.estimates['val/loss'])}, {n} seed{'s' if n != 1 else ''})."]
     for s in settings:
         c = s.vs_best
         if c is None:
             continue
         if c.ci is None:
-            lines.append(f"- {s.name}: {c.diff:+.4f} against the best; no test (a setting has fewer than 2 seeds).")
+            lines.append(f"- {plain(s.name)}: {c.diff:+.4f} against the best; no test (a setting has fewer than 2 "
+                         "seeds).")
             continue
-        lines.append(f"- {s.name}: {c.diff:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}] against the best, "
+        lines.append(f"- {plain(s.name)}: {c.diff:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}] against the best, "
                      f"p = {c.p_value:.3g} (Holm p = {s.p_holm:.3g}, {c.test}): {s.verdict}.")
     return "\n".join(lines)
 
@@ -348,6 +360,7 @@ def every_pair(settings: list[Setting]) -> str:
 
 def pair_line(a: str, b: str, c: stats.Comparison, p_adjusted: float, metric: str) -> str:
     """``a − b: diff [CI], p = raw (Holm p = adjusted, test): verdict`` — never "the same"."""
+    a, b = plain(a), plain(b)
     lower = a if c.diff < 0 else b
     verdict = f"{lower} has the lower {metric}" if p_adjusted < stats.SIGNIFICANCE else stats.not_shown(c)
     return (f"- {a} − {b}: {c.diff:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}], p = {c.p_value:.3g} "
@@ -371,11 +384,12 @@ def tuned_markdown(tuned: list[tuning.TunedSetting], key: str) -> list[str]:
         grid = ", ".join(f"{q.lr:g}" if q.lr is not None else "not swept" for q in t.points)
         learned = [r.metrics["base/test_loss"] - r.metrics["test/loss"] for r in p.completed
                    if {"base/test_loss", "test/loss"} <= r.metrics.keys()] if p else []
-        cells = [t.name, "" if p is None or p.lr is None else f"{p.lr:g}", grid, str(len(p.completed) if p else 0),
+        chosen = "" if p is None or p.lr is None else f"{p.lr:g}"
+        cells = [plain(t.name), chosen, grid, str(len(p.completed) if p else 0),
                  mean_ci(p.estimate("val/loss") if p else None), mean_ci(p.estimate("test/loss") if p else None),
                  mean_ci(stats.estimate(learned) if learned else None, "{:+.4f}"),
-                 mean_ci(p.estimate("forget/increase") if p else None, "{:+.4f}"), t.note]
-        lines.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
+                 mean_ci(p.estimate("forget/increase") if p else None, "{:+.4f}"), plain(t.note)]
+        lines.append(markdown_row(cells))
     pairs = tuning.pairs(tuned)
     pair_lines = [pair_line(q.a.name, q.b.name, q.comparison, q.p_adjusted, "test/loss") for q in pairs]
     return [f"## Settings at their own best {key}", TUNED_NOTE.format(key=key), "\n".join(lines),

@@ -15,6 +15,7 @@ refuses a ``hydra.run.dir`` that holds a finished run unless ``resume=true``, an
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from loralab.exits import EXIT_CONFIG
+from loralab.files import WRITABLE_DIR, unwritable
 from loralab.layout import (
     HYDRA_CONFIG,
     RunDirError,
@@ -46,11 +48,22 @@ class SweepDirError(CompactHydraException, ValueError):
 def jobs_to_run(sweep_dir: Path, jobs: list[list[str]], targets: list[Path], resume: bool) -> list[int]:
     """The numbers of the jobs to launch (``jobs[i]`` runs in ``targets[i]``); SweepDirError,
     one line, when the directory holds results this sweep may not go on with, or a damaged file."""
+    refuse_unwritable(sweep_dir, "hydra.sweep.dir", sweep_dir)
+    for target in targets:  # hydra.sweep.subdir names each job's directory (e.g. after its overrides)
+        refuse_unwritable(target, "hydra.sweep.subdir", os.path.relpath(target, sweep_dir))
     try:
         hold_writer_lock(sweep_dir)
         return unfinished_jobs(sweep_dir, jobs, targets, resume)
     except RunDirError as e:
         raise SweepDirError(str(e)) from None
+
+
+def refuse_unwritable(directory: Path, key: str, value) -> None:
+    """SweepDirError, one line naming ``key`` and its ``value``, when this process cannot make
+    ``directory`` and write in it."""
+    why_not = unwritable(directory)
+    if why_not is not None:
+        raise SweepDirError(f"{key}={str(value)!r} is invalid: expected {WRITABLE_DIR}; {why_not}")
 
 
 def unfinished_jobs(sweep_dir: Path, jobs: list[list[str]], targets: list[Path], resume: bool) -> list[int]:
@@ -74,7 +87,8 @@ def unfinished_jobs(sweep_dir: Path, jobs: list[list[str]], targets: list[Path],
 def check_run_dir(run_dir: Path, config, resume: bool) -> None:
     """SweepDirError, one line, when a single run may not write into ``run_dir``: another process
     writes it, it holds a finished run (and no ``resume=true``), a damaged summary, or a run
-    that ``config`` is not. Otherwise this process holds its writer lock from now on."""
+    that ``config`` is not, or one it cannot write. Otherwise this process holds its writer lock from now on."""
+    refuse_unwritable(run_dir, "hydra.run.dir", run_dir)
     try:
         hold_writer_lock(run_dir)
     except RunDirError as e:
