@@ -1,12 +1,17 @@
 """Time the default experiment against its speed targets, side by side, in one run.
 
     python -m loralab.benchmark            # from the repository root (or: loralab-benchmark)
+    python -m loralab.benchmark --sweep    # one sweep sequentially and packed (hydra/launcher=packed)
 
 Runs, in a fresh temporary output directory (so the first run really pretrains):
 ``python train.py`` twice (first time, then with the base cached) and
 ``python train.py -m lora.rank=4,8,16``, with W&B offline, and prints each wall time
-next to its target and the ratio. What LoRA and QLoRA save (step time, peak memory,
-forward and generation speed, checkpoint bytes) is measured by ``python -m loralab.savings``.
+next to its target and the ratio. With ``--sweep``: ``python train.py -m lora.rank=2,4,8,16
+seed=1,2`` at the default size, one job after another and then packed, on a base cached
+first (not timed), and prints both wall times, their ratio, each job's training share of
+its wall time, and the largest |Δ val/loss| between a packed job and its solo run. What
+LoRA and QLoRA save (step time, peak memory, forward and generation speed, checkpoint bytes)
+is measured by ``python -m loralab.savings``.
 """
 
 from __future__ import annotations
@@ -44,12 +49,53 @@ def sweep_gains(workdir: Path) -> str:
     return ", ".join(f"{r['name']}: {r['metrics']['gain/val_loss']:+.4f}" for r in runs)
 
 
+SWEEP = ["-m", "lora.rank=2,4,8,16", "seed=1,2"]
+PACKED = ["hydra/launcher=packed"]
+
+
+def training_share(sweep_dir: Path, packed: bool) -> tuple[float, float]:
+    """The sweep's mean job wall time, and the mean share of it spent in training steps
+    (perf/step_s × steps). A packed job's wall is its share of the pack's steps plus its own
+    run after the pack (its ``wall_time_s``)."""
+    runs = [read_summary(d) for d in job_dirs(sweep_dir)]
+    training = [r["metrics"]["perf/step_s"] * r["steps"] for r in runs]
+    walls = [r["wall_time_s"] + (t if packed else 0) for r, t in zip(runs, training)]
+    return sum(walls) / len(walls), sum(t / w for t, w in zip(training, walls)) / len(runs)
+
+
+def largest_val_loss_difference(one: Path, other: Path) -> float:
+    """max over jobs of |val/loss in one sweep − val/loss of the same job in the other|."""
+    return max(abs(read_summary(a)["metrics"]["val/loss"] - read_summary(b)["metrics"]["val/loss"])
+               for a, b in zip(job_dirs(one), job_dirs(other)))
+
+
+def sweep_benchmark(train_py: Path, workdir: Path) -> None:
+    """The same sweep one job after another and packed; both on a base cached first."""
+    timed_run(train_py, ["trainer.max_steps=1", "logger=none", f"hydra.run.dir={workdir / 'base'}"], workdir)
+    sequential, packed = workdir / "sequential", workdir / "packed"
+    walls = {"sequential": timed_run(train_py, [*SWEEP, f"hydra.sweep.dir={sequential}"], workdir),
+             "packed": timed_run(train_py, [*SWEEP, *PACKED, f"hydra.sweep.dir={packed}"], workdir)}
+    print(f"python train.py {' '.join(SWEEP)} (8 jobs, default size, base cached)")
+    for name, sweep_dir in (("sequential", sequential), ("packed", packed)):
+        job_wall, share = training_share(sweep_dir, packed=name == "packed")
+        print(f"  {name:<10}  wall {walls[name]:7.1f} s  job wall {job_wall:6.1f} s  training share {share:6.1%}")
+    print(f"  packed is {walls['sequential'] / walls['packed']:.2f}x faster; largest |Δ val/loss| packed vs solo: "
+          f"{largest_val_loss_difference(packed, sequential):.2e}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(prog="loralab-benchmark", description=__doc__.split("\n\n")[0]).parse_args(argv)
+    parser = argparse.ArgumentParser(prog="loralab-benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweep", action="store_true",
+                        help="time lora.rank=2,4,8,16 seed=1,2 sequentially and packed (hydra/launcher=packed)")
+    args = parser.parse_args(argv)
     train_py = Path.cwd() / "train.py"
     if not train_py.is_file():
         sys.exit("error: run python -m loralab.benchmark from the repository root "
                  "(no train.py in the current directory)")
+    if args.sweep:
+        with tempfile.TemporaryDirectory() as tmp:
+            sweep_benchmark(train_py, Path(tmp))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rows = [(what, timed_run(train_py, args, Path(tmp)), target) for what, args, target in CASES]
         gains = sweep_gains(Path(tmp))
