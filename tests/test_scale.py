@@ -122,6 +122,19 @@ def test_slurm_launcher_asks_for_what_the_trainer_uses(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_single_ddp_run_trains_on_two_processes_in_its_one_directory(tmp_path, base_cache):
+    """Rank 1 runs the same command into the same hydra.run.dir, which rank 0 holds: it is not
+    refused as a second writer."""
+    run_dir = tmp_path / "run"
+    result = run_train(["trainer=ddp", "trainer.devices=2", *TINY, "logger=none", f"paths.cache_dir={base_cache}",
+                        f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    s = summary(run_dir)
+    assert s["status"] == "completed" and s["metrics"]["ddp/world_size"] == 2 and s["metrics"]["ddp/replicas_identical"]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (run_dir / "train_ddp_process_1.log").read_text()
+    assert result.stdout.count(": completed") == 1  # rank 1 records nothing
+
+
+@pytest.mark.slow
 def test_ddp_multirun_trains_each_job_on_two_processes_and_records_it_once(tmp_path, base_cache):
     """``-m lora.rank=2,4 trainer=ddp trainer.devices=2``: Lightning re-runs the command for
     rank 1, which must run its own job only (not a sweep of its own); rank 0 alone writes."""
