@@ -259,7 +259,8 @@ def test_a_directory_without_adapters_is_one_clear_error(tmp_path, capsys):
         main([str(tmp_path)])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and error.startswith(f"error: {tmp_path} holds no saved adapter")
+    assert error.count("\n") == 1
+    assert error.startswith(f"error: {tmp_path} holds no readable adapter of a completed run")
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,25 @@ def test_a_damaged_adapter_is_one_line_and_exit_2(run_dir, tmp_path, capsys, dam
     assert not (tmp_path / "out").exists()
 
 
+def test_a_qlora_run_as_peft_is_one_line_and_exit_2(tmp_path, capsys):
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=96, block_size=16, n_layer=1, n_head=2, n_embd=64))
+    sha256 = save_base(base, tmp_path / "base.safetensors")
+    qlora = LoRAConfig(rank=2, alpha=4, target_modules=["q_proj", "v_proj"], quantize="nf4")
+    inject_lora(base, qlora)
+    save_adapter(base, qlora, tmp_path / "run" / "adapter",
+                 base={"source": "checkpoint", "path": str(tmp_path / "base.safetensors"), "sha256": sha256})
+    from loralab.export import main
+
+    with pytest.raises(SystemExit) as ended:
+        main([str(tmp_path / "run"), "--peft", str(tmp_path / "peft")])
+    stderr = capsys.readouterr().err
+    assert ended.value.code == 2 and stderr.count("\n") == 1
+    assert stderr.startswith("error: the model's base is nf4-quantized (lora.quantize): a PEFT adapter goes onto ")
+    assert stderr.endswith("(`python -m loralab.export RUN --merged OUT` dequantizes the base)\n")
+    assert not (tmp_path / "peft").exists()
+
+
 def test_the_rebuild_hint_quotes_paths_and_overrides_for_the_shell(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)

@@ -8,7 +8,9 @@ Loads the base the sweep's adapters were trained on once (the base each adapter
 records; all must agree), adds every completed adapter to it by name, and evaluates
 the base alone (adapters disabled) and each adapter in turn on the same whole
 held-out split. Writes ``evaluation.md`` and ``evaluation.csv`` into the sweep
-directory and prints the table.
+directory and prints the table; every job it leaves out (no adapter, an adapter that cannot
+be read, a summary that cannot be read, not completed) is listed, with why, in
+``evaluation.md`` and on stderr. Errors are one line, exit 2.
 """
 
 from __future__ import annotations
@@ -25,16 +27,16 @@ from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
+from loralab.exits import one_line
 from loralab.files import write_atomic
 from loralab.layout import (
-    ADAPTER_DIR,
     SUMMARY,
     adapter_dir,
-    has_adapter,
+    completed_adapter_jobs,
     hydra_config,
-    job_dirs,
+    left_out,
+    no_adapter,
     read_adapter_config,
-    read_summary,
 )
 
 if TYPE_CHECKING:
@@ -43,19 +45,23 @@ if TYPE_CHECKING:
 BASE = "base (no adapter)"
 
 
-def completed_jobs(sweep_dir: Path) -> list[tuple[str, Path]]:
-    """(run name, job directory) of every job that left a completed LoRA adapter, in job order."""
-    jobs = []
-    for job_dir in job_dirs(sweep_dir):
-        summary = read_summary(job_dir) if has_adapter(job_dir) else None
-        if summary is not None and summary["status"] == "completed":
-            jobs.append((summary.get("name") or job_dir.name, job_dir))
-    if not jobs:
-        from loralab.adapters import ADAPTER_CONFIG  # here: importing it imports torch
+def completed_jobs(sweep_dir: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """(run name, job directory) of every job that left a completed LoRA adapter whose config
+    reads, in job order; and why each other job is left out."""
+    from loralab.adapters import AdapterFileError  # here: importing it imports torch
 
-        raise FileNotFoundError(f"{sweep_dir} holds no completed LoRA run "
-                                f"(expected <job>/{ADAPTER_DIR}/{ADAPTER_CONFIG})")
-    return jobs
+    completed, notes = completed_adapter_jobs(sweep_dir)
+    jobs = []
+    for job_dir, summary in completed:
+        try:
+            read_adapter_config(job_dir)
+        except AdapterFileError as e:
+            notes.append(left_out(job_dir, f"its adapter cannot be read ({e})"))
+            continue
+        jobs.append((summary.get("name") or job_dir.name, job_dir))
+    if not jobs:
+        raise FileNotFoundError(no_adapter(sweep_dir, notes))
+    return jobs, notes
 
 
 def require_shareable(jobs: list[tuple[str, Path]], cfg) -> None:
@@ -103,18 +109,28 @@ def greedy(model: GPT, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, idx.size(1):].tolist())
 
 
-def evaluate_sweep(sweep_dir: Path, overrides: list[str], prompt: str | None, max_new_tokens: int) -> list[dict]:
+def evaluate_sweep(sweep_dir: Path, overrides: list[str], prompt: str | None,
+                   max_new_tokens: int) -> tuple[list[dict], list[str]]:
+    """A row for the base and for each adapter; and why each job left out is left out."""
     import torch
 
-    from loralab.adapters import disable_adapter, load_adapter, set_adapter
+    from loralab.adapters import AdapterFileError, disable_adapter, load_adapter_files, set_adapter
     from loralab.data import TextDataModule, tokenizer_of
 
-    jobs = completed_jobs(sweep_dir)
-    cfg = OmegaConf.merge(hydra_config(jobs[0][1]), OmegaConf.from_dotlist(overrides))
-    require_shareable(jobs, cfg)
-    model, sha256 = shared_base(jobs)
-    for i, (_, job_dir) in enumerate(jobs):
-        load_adapter(model, adapter_dir(job_dir), name=f"job{i}", expected_base_sha256=sha256)
+    completed, notes = completed_jobs(sweep_dir)
+    cfg = OmegaConf.merge(hydra_config(completed[0][1]), OmegaConf.from_dotlist(overrides))
+    require_shareable(completed, cfg)
+    model, sha256 = shared_base(completed)
+    jobs = []
+    for name, job_dir in completed:
+        try:
+            load_adapter_files(model, adapter_dir(job_dir), name=f"job{len(jobs)}", expected_base_sha256=sha256)
+        except AdapterFileError as e:  # a truncated or damaged adapter: the others are still compared
+            notes.append(left_out(job_dir, f"its adapter cannot be read ({e})"))
+            continue
+        jobs.append((name, job_dir))
+    if not jobs:
+        raise FileNotFoundError(no_adapter(sweep_dir, notes))
     tok = tokenizer_of(cfg.model.pretrained)
     data = TextDataModule(block_size=model.config.block_size, tokenizer=tok, seed=cfg.seed, **cfg.data)
     batches = list(data.val_dataloader())
@@ -129,7 +145,7 @@ def evaluate_sweep(sweep_dir: Path, overrides: list[str], prompt: str | None, ma
             if prompt is not None:
                 row["generation"] = greedy(model, tok, prompt, max_new_tokens)
         rows.append(row)
-    return rows
+    return rows, notes
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -153,16 +169,20 @@ def main(argv: list[str] | None = None) -> None:
     from loralab.base import BaseError  # torch: only once the arguments are known
 
     try:
-        rows = evaluate_sweep(args.sweep_dir, overrides, args.prompt, args.max_new_tokens)
+        rows, notes = evaluate_sweep(args.sweep_dir, overrides, args.prompt, args.max_new_tokens)
     except (FileNotFoundError, BaseError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        sys.exit(2)
     table = to_markdown(rows)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(args.sweep_dir / "evaluation.csv", out.getvalue().encode())
-    write_atomic(args.sweep_dir / "evaluation.md", (f"# Evaluation: {args.sweep_dir}\n\n{table}\n").encode())
+    parts = [f"# Evaluation: {args.sweep_dir}", table, *notes]
+    write_atomic(args.sweep_dir / "evaluation.md", ("\n\n".join(parts) + "\n").encode())
+    for note in notes:
+        print(note, file=sys.stderr)
     print(table)
 
 

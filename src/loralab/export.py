@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             out = save_merged_gpt2(model, args.merged, dequantize=True)  # a QLoRA base: float32 weights
             copy_tokenizer(meta["base"], out)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:  # the run cannot be exported this way (a QLoRA run as PEFT): nothing was written
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {out}")
 
 

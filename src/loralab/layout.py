@@ -185,6 +185,38 @@ def job_dirs(sweep_dir: str | Path) -> list[Path]:
     return sorted((d for d in sweep_dir.iterdir() if d.is_dir() and holds_job(d)), key=job_order)
 
 
+def completed_adapter_jobs(sweep_dir: str | Path) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """The jobs of a sweep that completed and saved an adapter, each with its summary, in job
+    order; and for every other job one line saying why it is left out. The tools that read a
+    sweep's adapters (analyze, evaluate) start from these, and list what they leave out."""
+    jobs, notes = [], []
+    for job_dir in job_dirs(sweep_dir):
+        if not has_adapter(job_dir):
+            notes.append(left_out(job_dir, f"it saved no {ADAPTER_DIR}/ (full fine-tuning, or a run that did not "
+                                           "finish)"))
+            continue
+        try:
+            summary = read_summary(job_dir)
+        except RunDirError as e:
+            notes.append(left_out(job_dir, f"its summary is unreadable ({e})"))
+            continue
+        if summary is None or summary["status"] != "completed":
+            notes.append(left_out(job_dir, f"no {SUMMARY}" if summary is None else f"status {summary['status']}"))
+            continue
+        jobs.append((job_dir, summary))
+    return jobs, notes
+
+
+def left_out(job_dir: Path, why: str) -> str:
+    return f"Job {job_dir.name} left out: {why}."
+
+
+def no_adapter(sweep_dir: str | Path, notes: list[str]) -> str:
+    """What a tool that reads a sweep's adapters says when none of them can be read."""
+    return " ".join([f"{sweep_dir} holds no readable adapter of a completed run (expected {sweep_dir}/<job>/"
+                     f"{ADAPTER_DIR}/, which each completed LoRA run of a `python train.py -m ...` writes).", *notes])
+
+
 def read_multirun(sweep_dir: str | Path):
     """The sweep's multirun.yaml (its ``hydra`` section), or None without one."""
     from omegaconf import OmegaConf

@@ -36,14 +36,13 @@ from loralab.analysis import analyze_adapter, random_subspace_similarity, subspa
 from loralab.base import BaseError, load_base, load_recorded_base
 from loralab.files import write_atomic
 from loralab.layout import (
-    ADAPTER_DIR,
     RANK_KEY,
     SEED_KEY,
-    RunDirError,
     adapter_dir,
-    job_dirs,
+    completed_adapter_jobs,
+    left_out,
+    no_adapter,
     read_adapter_config,
-    read_summary,
     seed_of,
     setting_label,
     swept_keys,
@@ -102,37 +101,21 @@ def write_analysis(sweep_dir: str | Path, base: Path | None = None, layers: str 
 
 def load_adapters(sweep_dir: Path, base: Path | None) -> tuple[list[Adapter], list[str]]:
     """The sweep's completed adapters in job order, and notes on what was left out."""
-    saved = [d for d in job_dirs(sweep_dir) if (adapter_dir(d) / ADAPTER_WEIGHTS).is_file()]
-    if not saved:
-        raise AnalysisError(f"{sweep_dir} holds no saved adapter (expected {sweep_dir}/<job>/adapter/"
-                            f"{ADAPTER_WEIGHTS}, which each completed LoRA run of a `python train.py -m ...` writes)")
-    notes = [f"Job {d.name} left out: it saved no {ADAPTER_DIR}/{ADAPTER_WEIGHTS} (full fine-tuning, or a run "
-             f"that did not finish)." for d in job_dirs(sweep_dir) if d not in saved]
-    summaries = {}
-    for d in saved:
-        try:
-            summaries[d] = read_summary(d)
-        except RunDirError as e:
-            notes.append(f"Job {d.name} left out: its summary is unreadable ({e}).")
-            continue
-        if summaries[d] is None or summaries[d]["status"] != "completed":
-            status = "no summary.json" if summaries[d] is None else f"status {summaries[d]['status']}"
-            notes.append(f"Job {d.name} left out: {status}.")
-    completed = [d for d, s in summaries.items() if s is not None and s["status"] == "completed"]
-    overrides = {d: summaries[d].get("overrides", []) for d in completed}
+    completed, notes = completed_adapter_jobs(sweep_dir)
+    overrides = {d: summary.get("overrides", []) for d, summary in completed}
     swept = swept_keys(sweep_dir, list(overrides.values()))  # as the sweep report finds them
     adapters = []
-    for job_dir in completed:
+    for job_dir, summary in completed:
         swept_here = swept_overrides(overrides[job_dir], swept)
         try:
-            adapter, note = load_adapter(job_dir, swept_here, seed_of(summaries[job_dir]), base)
+            adapter, note = load_adapter(job_dir, swept_here, seed_of(summary), base)
         except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as e:  # a damaged adapter
-            notes.append(f"Job {job_dir.name} left out: its adapter cannot be read ({type(e).__name__}: {e}).")
+            notes.append(left_out(job_dir, f"its adapter cannot be read ({type(e).__name__}: {e})"))
             continue
         adapters.append(adapter)
         notes += [note] if note else []
     if not adapters:
-        raise AnalysisError(f"{sweep_dir} holds no readable adapter of a completed run: " + " ".join(notes))
+        raise AnalysisError(no_adapter(sweep_dir, notes))
     return adapters, list(dict.fromkeys(notes))
 
 
