@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,30 @@ def compose(overrides: list[str]):
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)
+
+
+def start_train(args: list[str], cwd: Path) -> subprocess.Popen:
+    """``python train.py ARGS`` in its own process group, as a scheduler starts a job."""
+    env = user_env()
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_for(checkpoint: Path, process: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while not checkpoint.is_file():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+
+
+def kill_at_first_checkpoint(process: subprocess.Popen, checkpoint: Path) -> int:
+    """SIGKILL the job (its whole process group: train.py and W&B's service) as soon as
+    ``checkpoint`` appears; the step the checkpoint holds."""
+    wait_for(checkpoint, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return torch.load(checkpoint, weights_only=True)["global_step"]
 
 
 # --- tiny models for the unit tests of the torch-only core ---------------------------

@@ -1,5 +1,6 @@
 """The base model cache: pretrained once per settings, shared by concurrent jobs."""
 
+import json
 import multiprocessing as mp
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -102,3 +103,28 @@ def test_base_and_adapter_files_get_the_users_umask(tmp_path, umask):
     for path in (tmp_path / "base.safetensors", tmp_path / "adapter" / "adapter.safetensors",
                  tmp_path / "adapter" / "adapter_config.json"):
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+@pytest.mark.slow
+def test_the_bases_evaluations_are_computed_once_and_read_by_every_run(tmp_path):
+    from loralab.layout import read_summary
+    from loralab.run import train
+
+    from conftest import TINY, compose
+
+    cache = tmp_path / "cache"  # its own: the session's cached evaluations stay untouched
+    train(compose([*TINY, "logger=none", f"paths.cache_dir={cache}", f"paths.output_dir={tmp_path / 'first'}"]))
+    first = read_summary(tmp_path / "first")["metrics"]
+    [evals] = (cache / "base-evals").iterdir()
+    files = {path.name.split("-")[0]: path for path in evals.iterdir()}
+    assert sorted(files) == ["forget", "test", "val"]
+    assert json.loads(files["val"].read_text())["val/loss"] == first["base/val_loss"]
+    # a later run, of another rank and seed, reads them: planted numbers show up in its summary
+    files["val"].write_text(json.dumps({"val/loss": 1.5, "val/ppl": 4.5, "val/acc": 0.25}))
+    files["test"].write_text(json.dumps({"loss": 2.5}))
+    train(compose([*TINY, "logger=none", "lora.rank=2", "seed=7", f"paths.cache_dir={cache}",
+                   f"paths.output_dir={tmp_path / 'second'}"]))
+    second = read_summary(tmp_path / "second")
+    assert (second["metrics"]["base/val_loss"], second["metrics"]["base/test_loss"]) == (1.5, 2.5)
+    assert second["metrics"]["base/forget_loss"] == first["base/forget_loss"]
+    assert second["history"]["val/loss"][0] == [0, 1.5]

@@ -25,7 +25,7 @@ from loralab.model import GPT, GPTConfig
 from loralab.module import LitTransformer
 from loralab.resume import SweepDirError, jobs_to_run
 
-from conftest import ROOT, TINY, read_summary, run_train, user_env
+from conftest import TINY, kill_at_first_checkpoint, read_summary, run_train, start_train, wait_for
 
 # metrics that measure the machine, not the run: they differ between any two runs
 TIMINGS = ("perf/step_s", "perf/tokens_per_s", "perf/peak_mem_mb")
@@ -134,30 +134,6 @@ def test_a_job_dir_is_never_reused_for_another_job(tmp_path):
     fake_job(tmp_path / "7", ["lora.rank=32"], "completed")
     with pytest.raises(SweepDirError, match=r"7 holds a job this sweep does not declare \(\['lora.rank=32'\]\)"):
         jobs_to_run(tmp_path, JOBS, job_dirs(tmp_path), resume=True)
-
-
-def start_train(args: list[str], cwd: Path) -> subprocess.Popen:
-    """``python train.py ARGS`` in its own process group, as a scheduler starts a job."""
-    env = user_env()
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def wait_for(checkpoint: Path, process: subprocess.Popen) -> None:
-    deadline = time.time() + 300
-    while not checkpoint.is_file():
-        assert process.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.02)
-
-
-def kill_at_first_checkpoint(process: subprocess.Popen, checkpoint: Path) -> int:
-    """SIGKILL the job (its whole process group: train.py and W&B's service) as soon as
-    ``checkpoint`` appears; the step the checkpoint holds."""
-    wait_for(checkpoint, process)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    return torch.load(checkpoint, weights_only=True)["global_step"]
 
 
 def interrupt_after_first_checkpoint(process: subprocess.Popen, checkpoint: Path, signum: int) -> int:

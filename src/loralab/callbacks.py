@@ -30,25 +30,61 @@ class ParameterCount(pl.Callback):
 
     def __init__(self):
         self.metrics: dict = {}
+        self.logged = False  # kept in checkpoints: a resumed run's loggers have them from before the kill
+
+    def state_dict(self) -> dict:
+        return {"logged": self.logged}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.logged = state_dict["logged"]
 
     def on_fit_start(self, trainer, pl_module):
         trainable, total = count_parameters(pl_module.model)
         self.metrics = {"params/trainable": trainable, "params/total": total,
                         "params/trainable_pct": 100 * trainable / total,
                         "params/lora_analytic": analytic_lora_parameters(pl_module.model)}
-        if trainer.ckpt_path is None:  # a resumed run's loggers have them from before the kill
+        if not self.logged:
             log_to_loggers(trainer, self.metrics)
+            self.logged = True
+
+
+class Recorded(pl.Callback):
+    """What a run recorded as it trained but did not log: rows of (logger step, metrics), logged
+    as the fit starts. A pack's job (``loralab.pack_sweep``) trains outside its run's trainer;
+    its checkpoint brings these rows, so its loggers get the curves a solo run logs."""
+
+    def __init__(self):
+        self.rows: list = []
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = state_dict["rows"]
+
+    def on_fit_start(self, trainer, pl_module):
+        for step, metrics in self.rows:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        self.rows = []
 
 
 class Throughput(pl.Callback):
     """perf/step_s and perf/tokens_per_s (positions, see ``ModelKind.positions``) per training
     step (averaged over the run in ``metrics``, the first step left out as warm-up), and
-    perf/peak_mem_mb."""
+    perf/peak_mem_mb. The step times are kept in checkpoints: a resumed run's averages cover
+    all its steps."""
 
     def __init__(self):
         self.metrics: dict = {}
         self.step_times: list[float] = []
         self.tokens = 0
+
+    def state_dict(self) -> dict:
+        return {"step_times": list(self.step_times), "tokens": self.tokens}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.step_times, self.tokens = list(state_dict["step_times"]), state_dict["tokens"]
 
     def on_fit_start(self, trainer, pl_module):
         reset_peak_memory(pl_module.device)  # this run's peak, not the jobs' before it in this process

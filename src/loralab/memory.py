@@ -49,3 +49,14 @@ def current_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
     return resident_mb()[0]
+
+
+def available_memory_mb(device: torch.device) -> float | None:
+    """Memory free for new work now: the GPU's free memory, or Linux's MemAvailable; None elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**20
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.exists():
+        return None
+    fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines())
+    return int(fields["MemAvailable"].split()[0]) / 1024

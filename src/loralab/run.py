@@ -24,11 +24,13 @@ from torch.utils.data import DataLoader
 
 from loralab.adapters import save_adapter
 from loralab.base import BaseIdentity, cached_base, load_base, weights_sha256
+from loralab.base_evals import BaseEvaluations, split_key
 from loralab.callbacks import (
     AdapterAnalysis,
     History,
     MergeCheck,
     ParameterCount,
+    Recorded,
     StepProgressBar,
     Throughput,
     log_to_loggers,
@@ -55,9 +57,9 @@ from loralab.interrupts import (
 )
 from loralab.layout import CHECKPOINTS_DIR, adapter_dir, finished_summary, write_summary
 from loralab.loggers import RunIdentity, finish_logger, log_adapter, make_logger, run_identity
-from loralab.lora import inject_lora
+from loralab.lora import LoRAConfig, inject_lora
 from loralab.model import GPT
-from loralab.model_kinds import KINDS, build_model, kind_of, replace_head
+from loralab.model_kinds import KINDS, ModelKind, build_model, kind_of, replace_head
 from loralab.module import LitTransformer
 from loralab.provenance import provenance
 from loralab.sweep_console import where_results
@@ -66,8 +68,9 @@ from loralab.vit import ViT
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> float:
-    """Fine-tune one run as ``cfg`` describes; return its best val/loss (+inf if it diverged)."""
+def train(cfg: DictConfig, packed: bool = False) -> float:
+    """Fine-tune one run as ``cfg`` describes; return its best val/loss (+inf if it diverged).
+    ``packed``: the run was trained in a pack (``loralab.pack_sweep``), which left its checkpoint."""
     silence_known_noise()
     catch_interrupts()
     run_dir = Path(cfg.paths.output_dir)
@@ -103,9 +106,11 @@ def train(cfg: DictConfig) -> float:
                 saved = save_adapter(model, lora_config, adapter_dir(run_dir), base=base.to_dict())
                 log_adapter(logger, cfg, saved, base.sha256)
 
+        evals = BaseEvaluations(to_absolute_path(cfg.paths.cache_dir), base.sha256) \
+            if computes_its_base(kind, lora_config) else None
         result = fit(cfg, model, data, identity, job_type="finetune", optim=cfg.optim,
-                     checkpoint_dir=run_dir / CHECKPOINTS_DIR, resume=cfg.resume, held_out=held_out,
-                     on_completed=keep_adapter)
+                     checkpoint_dir=run_dir / CHECKPOINTS_DIR, resume=cfg.resume or packed, held_out=held_out,
+                     on_completed=keep_adapter, base_evals=evals)
         summary.update(result)
         # +inf, not NaN, when it diverged: a search ranks it last (Optuna 2.10 refuses a NaN
         # objective, and hydra-optuna-sweeper then stops the whole search)
@@ -157,6 +162,15 @@ def base_model(cfg: DictConfig, identity: RunIdentity) -> tuple[GPT | ViT, BaseI
     return cached_base(model_config, cfg.base, data.fingerprint, to_absolute_path(cfg.paths.cache_dir), pretrain)
 
 
+def computes_its_base(kind: ModelKind, lora_config: LoRAConfig | None) -> bool:
+    """Whether the model, before training, computes exactly its base, so that the base's cached
+    evaluations are its own: not with a new head, a quantized base, DoRA's or PiSSA's start."""
+    if kind.new_head:
+        return False
+    return lora_config is None or (lora_config.quantize == "none" and not lora_config.dora
+                                   and lora_config.init != "pissa")
+
+
 def source_held_out(cfg: DictConfig, model: GPT | ViT) -> dict[str, DataLoader]:
     """{"forget": the held-out part of the corpus the base was pretrained on}, where forgetting
     is measured (Biderman et al. 2024, "LoRA Learns Less and Forgets Less", §4); {} for a
@@ -170,18 +184,21 @@ def source_held_out(cfg: DictConfig, model: GPT | ViT) -> dict[str, DataLoader]:
 
 def fit(cfg: DictConfig, model: GPT | ViT, data: SeededDataModule, identity: RunIdentity, job_type: str,
         optim, checkpoint_dir: Path, resume: bool, max_steps: int | None = None,
-        held_out: dict[str, DataLoader] | None = None, on_completed: Callable | None = None) -> dict:
+        held_out: dict[str, DataLoader] | None = None, on_completed: Callable | None = None,
+        base_evals: BaseEvaluations | None = None) -> dict:
     """Train ``model``'s trainable parameters; validate before and after, and evaluate each
     ``held_out`` split ("test", "forget") before and after. Checkpoints go to
     ``checkpoint_dir``; with ``resume`` training continues from the last one there; a run that
     completed is handed, with its logger, to ``on_completed`` before the logger closes. Returns
-    the run's status, metrics and loss history, which also go to the logger's summary."""
+    the run's status, metrics and loss history, which also go to the logger's summary.
+    ``base_evals``: the base's cached evaluations, for a model that computes exactly its base."""
     held_out = held_out or {}
     max_steps = max_steps or cfg.trainer.max_steps
     count, throughput, merge_check, history = ParameterCount(), Throughput(), MergeCheck(cfg.merge_tolerance), History()
-    replicas, analysis = ReplicaCheck(), AdapterAnalysis()
+    replicas, analysis, recorded = ReplicaCheck(), AdapterAnalysis(), Recorded()
     checkpoints = LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps)
-    callbacks = [StopOnInterrupt(), count, throughput, replicas, merge_check, history, checkpoints, analysis]
+    callbacks = [StopOnInterrupt(), count, throughput, replicas, merge_check, history, checkpoints, analysis,
+                 recorded]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(job_type))
     resume_from = last_checkpoint(checkpoint_dir) if resume else None
@@ -199,8 +216,8 @@ def fit(cfg: DictConfig, model: GPT | ViT, data: SeededDataModule, identity: Run
                              plugins=[AtomicCheckpointIO()], check_val_every_n_epoch=None, num_sanity_val_steps=0,
                              inference_mode=False, enable_model_summary=False, default_root_dir=cfg.paths.output_dir)
         # on resume too, for the summary (the model is still the untrained one); its loggers have it
-        base = evaluate(trainer, module, data, log=resumed_at is None)
-        base_held_out = evaluate_held_out(trainer, module, held_out)
+        base, base_held_out = evaluate_before(trainer, module, data, held_out, base_evals, log=resumed_at is None)
+        history.history["val/loss"] = [[0, base["val/loss"]]]
         if resume_from:
             log.info("Resuming %s from %s", job_type, resume_from)
         trainer.fit(module, data, ckpt_path=resume_from)
@@ -233,6 +250,21 @@ def fit(cfg: DictConfig, model: GPT | ViT, data: SeededDataModule, identity: Run
         finish_logger(logger, failed=status == "failed")
 
 
+def evaluate_before(trainer: pl.Trainer, module: LitTransformer, data: SeededDataModule,
+                    held_out: dict[str, DataLoader], base_evals: BaseEvaluations | None,
+                    log: bool) -> tuple[dict, dict]:
+    """The untrained model's val/ metrics and held-out losses on the whole splits, each read from
+    ``base_evals`` when it holds it (else computed, and kept there); logged as the validation at step 0."""
+    cached = base_evals.get if base_evals is not None else lambda key, compute: compute()
+    val = cached(split_key("val", data.val_set, data.batch_size), lambda: evaluate(trainer, module, data, log=False))
+    if log:
+        log_to_loggers(trainer, {**val, "epoch": 0})
+    losses = {split: cached(split_key(split, loader.dataset, loader.batch_size),
+                            lambda loader=loader: {"loss": held_out_loss(trainer, module, loader)})["loss"]
+              for split, loader in held_out.items()}
+    return val, losses
+
+
 def evaluate(trainer: pl.Trainer, module: LitTransformer, data: SeededDataModule, log: bool = True) -> dict:
     """val/ metrics on the whole held-out split; validation during training sees only
     ``trainer.limit_val_batches`` of it, for speed."""
@@ -245,8 +277,7 @@ def evaluate(trainer: pl.Trainer, module: LitTransformer, data: SeededDataModule
 
 
 def evaluate_held_out(trainer: pl.Trainer, module: LitTransformer, held_out: dict[str, DataLoader]) -> dict[str, float]:
-    """The model's loss on each named held-out split, whole. Before training this is the base's
-    evaluation, the same for every job on one base."""
+    """The model's loss on each named held-out split, whole."""
     return {split: held_out_loss(trainer, module, loader) for split, loader in held_out.items()}
 
 
