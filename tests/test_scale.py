@@ -99,6 +99,8 @@ def test_slurm_launcher_asks_for_what_the_trainer_uses(tmp_path):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    import loralab.schema  # noqa: F401  registers train_schema, as train.py does
+
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="train", return_hydra_config=True, overrides=[
             "hydra/launcher=slurm", "trainer=gpu", "trainer.devices=4", "hydra.launcher.partition=gpu",
