@@ -99,6 +99,8 @@ def test_slurm_launcher_asks_for_what_the_trainer_uses(tmp_path):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    import loralab.schema  # noqa: F401  registers train_schema, as train.py does
+
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="train", return_hydra_config=True, overrides=[
             "hydra/launcher=slurm", "trainer=gpu", "trainer.devices=4", "hydra.launcher.partition=gpu",
@@ -119,6 +121,19 @@ def test_slurm_launcher_asks_for_what_the_trainer_uses(tmp_path):
 
 
 # --- DDP -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_single_ddp_run_trains_on_two_processes_in_its_one_directory(tmp_path, base_cache):
+    """Rank 1 runs the same command into the same hydra.run.dir, which rank 0 holds: it is not
+    refused as a second writer."""
+    run_dir = tmp_path / "run"
+    result = run_train(["trainer=ddp", "trainer.devices=2", *TINY, "logger=none", f"paths.cache_dir={base_cache}",
+                        f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    s = summary(run_dir)
+    assert s["status"] == "completed" and s["metrics"]["ddp/world_size"] == 2 and s["metrics"]["ddp/replicas_identical"]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (run_dir / "train_ddp_process_1.log").read_text()
+    assert result.stdout.count(": completed") == 1  # rank 1 records nothing
 
 
 @pytest.mark.slow

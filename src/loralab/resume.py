@@ -118,11 +118,22 @@ def changed_keys(saved: dict, new: dict) -> list[str]:
     return sorted(key for key in saved.keys() | new.keys() if saved.get(key) != new.get(key))
 
 
+def started_for_another_rank() -> bool:
+    """Whether this process is a rank other than 0 of a DDP run: Lightning's launcher starts those
+    by running the command again, with the rank in the environment (the variables Lightning reads,
+    in its order). The run's rank 0 has checked the directory and holds it."""
+    rank = next((os.environ[key] for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+                 if key in os.environ), "0")
+    return int(rank) > 0
+
+
 class RunDirGuard(Callback):
     """Checks a single run's directory before Hydra writes its ``.hydra/`` there (Hydra's
     ``on_job_start`` comes after): a refused run leaves the directory exactly as it was."""
 
     def on_run_start(self, config, **kwargs) -> None:
+        if started_for_another_rank():
+            return
         try:
             check_run_dir(Path(config.hydra.run.dir), config, bool(config.get("resume", False)))
         except SweepDirError as e:
