@@ -113,7 +113,8 @@ def test_the_bases_evaluations_are_computed_once_and_read_by_every_run(tmp_path)
     from conftest import TINY, compose
 
     cache = tmp_path / "cache"  # its own: the session's cached evaluations stay untouched
-    train(compose([*TINY, "logger=none", f"paths.cache_dir={cache}", f"paths.output_dir={tmp_path / 'first'}"]))
+    first_args = [*TINY, "logger=none", "lora.dropout=0.1", f"paths.cache_dir={cache}"]  # dropout: the RNG matters
+    train(compose([*first_args, f"paths.output_dir={tmp_path / 'first'}"]))
     first = read_summary(tmp_path / "first")["metrics"]
     [evals] = (cache / "base-evals").iterdir()
     files = {path.name.split("-")[0]: path for path in evals.iterdir()}
@@ -128,3 +129,7 @@ def test_the_bases_evaluations_are_computed_once_and_read_by_every_run(tmp_path)
     assert (second["metrics"]["base/val_loss"], second["metrics"]["base/test_loss"]) == (1.5, 2.5)
     assert second["metrics"]["base/forget_loss"] == first["base/forget_loss"]
     assert second["history"]["val/loss"][0] == [0, 1.5]
+    # the same run again, reading what the first computed, trains exactly as it did
+    train(compose([*first_args, f"paths.output_dir={tmp_path / 'again'}"]))
+    again = read_summary(tmp_path / "again")
+    assert again["history"]["train/loss"] == read_summary(tmp_path / "first")["history"]["train/loss"]

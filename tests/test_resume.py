@@ -228,8 +228,10 @@ def test_a_killed_sweep_is_refused_then_resumed_without_touching_finished_jobs(t
 
 # SIGTERM with validation every 30 steps; SIGINT with validation after every step, so that the
 # step boundary where training stops always has a validation just behind it (which the resumed
-# run must neither skip nor repeat)
-INTERRUPTIONS = [(signal.SIGTERM, ["trainer.max_steps=60", "trainer.val_check_interval=30"]),
+# run must neither skip nor repeat); one validation batch, so that a signal never lands inside a
+# validation, where no checkpoint is taken (the periodic one, which the test deletes, would stand)
+INTERRUPTIONS = [(signal.SIGTERM, ["trainer.max_steps=60", "trainer.val_check_interval=30",
+                                    "trainer.limit_val_batches=1"]),
                  (signal.SIGINT, ["trainer.max_steps=40", "trainer.val_check_interval=1",
                                   "trainer.limit_val_batches=1", "lora.dropout=0.1"])]
 
@@ -260,7 +262,10 @@ def test_an_interrupted_run_is_checkpointed_and_resumed_as_if_never_stopped(tmp_
 @pytest.mark.slow
 def test_an_interrupted_sweep_stops_at_its_job_and_resumes_the_rest(tmp_path, base_cache):
     sweep = tmp_path / "sweep"
-    args = ["-m", "lora.rank=2,4,8", *TINY, "checkpoint.every_n_steps=4", "logger=none",
+    # one validation batch: a signal never lands inside a validation, where no checkpoint is taken
+    # (the periodic one, which this test deletes, would stand); 40 steps: it lands before the end
+    args = ["-m", "lora.rank=2,4,8", *TINY, "trainer.max_steps=40", "trainer.val_check_interval=20",
+            "trainer.limit_val_batches=1", "checkpoint.every_n_steps=4", "logger=none",
             f"paths.cache_dir={base_cache}", f"hydra.sweep.dir={sweep}"]
     assert interrupt_after_first_checkpoint(start_train(args, tmp_path), sweep / "1/checkpoints/last.ckpt",
                                             signal.SIGTERM) == EXIT_INTERRUPTED

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
@@ -254,14 +255,18 @@ def evaluate_before(trainer: pl.Trainer, module: LitTransformer, data: SeededDat
                     held_out: dict[str, DataLoader], base_evals: BaseEvaluations | None,
                     log: bool) -> tuple[dict, dict]:
     """The untrained model's val/ metrics and held-out losses on the whole splits, each read from
-    ``base_evals`` when it holds it (else computed, and kept there); logged as the validation at step 0."""
+    ``base_evals`` when it holds it (else computed, and kept there); logged as the validation at step 0.
+    The random state is left as it was: each DataLoader draws a seed from it, and a run that
+    computes its base's evaluations must train exactly as one that finds them cached."""
     cached = base_evals.get if base_evals is not None else lambda key, compute: compute()
-    val = cached(split_key("val", data.val_set, data.batch_size), lambda: evaluate(trainer, module, data, log=False))
+    with torch.random.fork_rng(devices=[]):
+        val = cached(split_key("val", data.val_set, data.batch_size),
+                     lambda: evaluate(trainer, module, data, log=False))
+        losses = {split: cached(split_key(split, loader.dataset, loader.batch_size),
+                                lambda loader=loader: {"loss": held_out_loss(trainer, module, loader)})["loss"]
+                  for split, loader in held_out.items()}
     if log:
         log_to_loggers(trainer, {**val, "epoch": 0})
-    losses = {split: cached(split_key(split, loader.dataset, loader.batch_size),
-                            lambda loader=loader: {"loss": held_out_loss(trainer, module, loader)})["loss"]
-              for split, loader in held_out.items()}
     return val, losses
 
 
