@@ -27,6 +27,11 @@ TINY = [
     "trainer.max_steps=12", "trainer.val_check_interval=6", "trainer.limit_val_batches=2",
     "trainer.enable_progress_bar=false",
 ]
+# checkpoints every 6 steps, where validation also runs (the case Lightning would skip on
+# resume), and LoRA dropout, so that the RNG state matters
+RESUMABLE = [*TINY, "checkpoint.every_n_steps=6", "lora.dropout=0.1"]
+# metrics that measure the machine, not the run: they differ between any two runs
+TIMINGS = ("perf/step_s", "perf/tokens_per_s", "perf/peak_mem_mb")
 
 
 @pytest.fixture(autouse=True)

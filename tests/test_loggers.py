@@ -134,8 +134,10 @@ def test_a_sweep_in_wandb_as_a_dashboard_user_expects(tmp_path, base_cache):
         summary = read_summary(sweep / job)
         assert (run.group, run.tags, run.notes) == ("ablation", ["tiny", "e2e"], "two jobs")
         # every curve against the trainer's step; val/loss summarised by its last value, best/val_loss by its min
-        for pattern in ("train/*", "val/*", "lr-*", "perf/*"):
-            assert run.metrics[pattern]["step_metric"] == "trainer/global_step", pattern
+        assert run.metrics["*"]["step_metric"] == "trainer/global_step"
+        logged = {key for row in run.history for key in row if not key.startswith("_")} - {"trainer/global_step"}
+        assert {"train/loss", "val/loss", "test/loss", "forget/loss", "params/trainable"} <= logged
+        assert all(row.get("trainer/global_step", -1) in range(13) for row in run.history)  # all on its axis
         assert run.metrics["val/loss"]["summary"] == ["last"] and run.metrics["best/val_loss"]["summary"] == ["min"]
         final = [row for row in run.history if "val/loss" in row][-1]
         assert final["trainer/global_step"] == 12 and final["val/loss"] == summary["metrics"]["val/loss"]

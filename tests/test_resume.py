@@ -25,10 +25,16 @@ from loralab.model import GPT, GPTConfig
 from loralab.module import LitTransformer
 from loralab.resume import SweepDirError, jobs_to_run
 
-from conftest import TINY, kill_at_first_checkpoint, read_summary, run_train, start_train, wait_for
-
-# metrics that measure the machine, not the run: they differ between any two runs
-TIMINGS = ("perf/step_s", "perf/tokens_per_s", "perf/peak_mem_mb")
+from conftest import (
+    RESUMABLE,
+    TIMINGS,
+    TINY,
+    kill_at_first_checkpoint,
+    read_summary,
+    run_train,
+    start_train,
+    wait_for,
+)
 
 
 class Windows(torch.utils.data.Dataset):
@@ -149,11 +155,6 @@ def tree_bytes(directory: Path) -> dict[str, bytes]:
     """Every file's bytes; a symbolic link (W&B links its service's log) as where it points."""
     return {str(p.relative_to(directory)): (f"-> {os.readlink(p)}".encode() if p.is_symlink() else p.read_bytes())
             for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-# checkpoints every 6 steps, where validation also runs (the case Lightning would skip on
-# resume), and LoRA dropout, so that the RNG state matters
-RESUMABLE = [*TINY, "checkpoint.every_n_steps=6", "lora.dropout=0.1"]
 
 
 @pytest.mark.slow

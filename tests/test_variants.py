@@ -294,9 +294,7 @@ def test_saved_variant_adapters_analyze_as_the_live_model(tmp_path):
 def test_a_killed_variant_run_resumed_equals_an_uninterrupted_one(tmp_path, base_cache):
     """DoRA's magnitude and LoRA+'s groups in the checkpoint, PiSSA's residual rebuilt from
     the base: a resumed run ends with the same metrics and the same adapter file."""
-    from test_resume import RESUMABLE, TIMINGS, kill_at_first_checkpoint, start_train
-
-    from conftest import read_summary, run_train
+    from conftest import RESUMABLE, TIMINGS, kill_at_first_checkpoint, read_summary, run_train, start_train
 
     args = [*RESUMABLE, f"paths.cache_dir={base_cache}", "logger=none", "lora.dora=true", "lora.init=pissa",
             "optim.lora_plus_ratio=16"]

@@ -128,12 +128,11 @@ def keys_of_other_models(kind: str) -> set[str]:
 
 
 def define_metrics(run) -> None:
-    """What WandbLogger declares only for a run it starts itself: every curve against the
+    """What WandbLogger declares only for a run it starts itself: every metric against the
     trainer's step (not W&B's own step, which also counts the logging of the summaries), and
     summaries with intent: val/loss is the final whole-split value, best/val_loss the lowest."""
     run.define_metric("trainer/global_step")
-    for pattern in ("train/*", "val/*", "lr-*", "perf/*"):
-        run.define_metric(pattern, step_metric="trainer/global_step")
+    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
     run.define_metric("val/loss", step_metric="trainer/global_step", summary="last")
     run.define_metric("best/val_loss", summary="min")
 
