@@ -161,3 +161,12 @@ def test_a_diverging_job_leaves_the_pack_and_the_others_complete(experiments, ba
     run_train(args("0.01", tmp_path / "alone"), cwd=tmp_path)  # the completed job, alone
     alone = read_summary(tmp_path / "alone/0")
     assert completed["metrics"]["val/loss"] == pytest.approx(alone["metrics"]["val/loss"], abs=1e-5)
+
+
+def test_the_step_benchmark_times_the_solo_steps_the_pack_and_the_base_alone():
+    """``python -m loralab.benchmark --step``: the headroom packing has on this machine."""
+    from loralab.benchmark import step_times
+
+    times = step_times(jobs=2, batch=1, repeats=1)
+    assert list(times) == ["2 solo steps at batch 1", "1 packed step of 2 jobs", "base alone at batch 2"]
+    assert all(seconds > 0 for seconds in times.values())

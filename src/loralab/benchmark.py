@@ -2,6 +2,7 @@
 
     python -m loralab.benchmark            # from the repository root (or: loralab-benchmark)
     python -m loralab.benchmark --sweep    # one sweep sequentially and packed (hydra/launcher=packed)
+    python -m loralab.benchmark --step     # one training step: 8 jobs one after another, packed, the base alone
 
 Runs, in a fresh temporary output directory (so the first run really pretrains):
 ``python train.py`` twice (first time, then with the base cached) and
@@ -9,7 +10,10 @@ Runs, in a fresh temporary output directory (so the first run really pretrains):
 next to its target and the ratio. With ``--sweep``: ``python train.py -m lora.rank=2,4,8,16
 seed=1,2`` at the default size, one job after another and then packed, on a base cached
 first (not timed), and prints both wall times, their ratio, each job's training share of
-its wall time, and the largest |Δ val/loss| between a packed job and its solo run. What
+its wall time, and the largest |Δ val/loss| between a packed job and its solo run. With
+``--step``: what packing can gain at most on this machine, in plain PyTorch (no Lightning):
+eight default LoRA steps at batch 16 one after another, one packed step of the eight, and
+the frozen base's forward and backward alone at batch 128 (the pack's floor). What
 LoRA and QLoRA save (step time, peak memory, forward and generation speed, checkpoint bytes)
 is measured by ``python -m loralab.savings``.
 """
@@ -83,11 +87,73 @@ def sweep_benchmark(train_py: Path, workdir: Path) -> None:
           f"{largest_val_loss_difference(packed, sequential):.2e}")
 
 
+def step_times(jobs: int = 8, batch: int = 16, repeats: int = 5) -> dict[str, float]:
+    """Seconds per training step of the default model with the default LoRA (r = 8 on q, v):
+    ``jobs`` solo steps at ``batch`` one after another; one packed step of ``jobs`` jobs; and
+    the frozen base's forward and backward alone at ``jobs × batch`` rows (no adapter)."""
+    import torch
+    import torch.nn.functional as F
+
+    from loralab.lora import LoRAConfig, inject_lora
+    from loralab.model import GPT, GPTConfig
+    from loralab.packed import JobSpec, Pack
+
+    config = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128)  # conf/model/small.yaml
+    torch.manual_seed(0)
+
+    def data(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(0, config.vocab_size, (2, rows, config.block_size)).unbind(0)
+
+    def loss_of(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits, _ = model(x)  # (rows, T, vocab)
+        return F.cross_entropy(logits.reshape(-1, config.vocab_size), y.reshape(-1))
+
+    solo = GPT(config)
+    inject_lora(solo, LoRAConfig())
+    optimizer = torch.optim.AdamW([p for p in solo.parameters() if p.requires_grad], lr=1e-3)
+    x, y = data(batch)
+
+    def solo_steps():
+        for _ in range(jobs):
+            optimizer.zero_grad(set_to_none=True)
+            loss_of(solo, x, y).backward()
+            optimizer.step()
+
+    pack = Pack(GPT(config), {f"job{k}": JobSpec(LoRAConfig(), seed=k, lr=1e-3, max_steps=100) for k in range(jobs)})
+    batches = {name: data(batch) for name in pack.jobs}
+    base = GPT(config).requires_grad_(False)
+    base.transformer.wte.weight.requires_grad_(True)  # a gradient through every layer, as the adapters need
+    big_x, big_y = data(jobs * batch)
+
+    def base_alone():
+        loss_of(base, big_x, big_y).backward()
+        base.transformer.wte.weight.grad = None
+
+    def seconds(step) -> float:
+        step()  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        return (time.perf_counter() - start) / repeats
+
+    return {f"{jobs} solo steps at batch {batch}": seconds(solo_steps),
+            f"1 packed step of {jobs} jobs": seconds(lambda: pack.train_step(batches)),
+            f"base alone at batch {jobs * batch}": seconds(base_alone)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="loralab-benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", action="store_true",
                         help="time lora.rank=2,4,8,16 seed=1,2 sequentially and packed (hydra/launcher=packed)")
+    parser.add_argument("--step", action="store_true",
+                        help="time one training step: 8 LoRA jobs one after another, packed, and the base alone")
     args = parser.parse_args(argv)
+    if args.step:
+        times = step_times()
+        solo = next(iter(times.values()))
+        for what, seconds in times.items():
+            print(f"{what:<28}  {seconds * 1e3:7.0f} ms  {solo / seconds:5.2f}x the solo steps' speed")
+        return
     train_py = Path.cwd() / "train.py"
     if not train_py.is_file():
         sys.exit("error: run python -m loralab.benchmark from the repository root "
