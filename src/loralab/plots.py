@@ -217,7 +217,7 @@ def plot_learning_vs_forgetting(sweep: SweepResults):
     if not points:
         return None
     at = f" at its chosen {sweep.tune_key}" if sweep.tune_key else ""
-    figure, [ax] = new_axes(f"Learning against forgetting: each setting{at} (mean ± 95 % CI)",
+    figure, [ax] = new_axes(f"Learning against forgetting: each setting{at}\n(mean ± 95 % CI over seeds)",
                             "learning: base/test_loss − test/loss (target)",
                             "forgetting: forget/increase (the base's own domain)")
     for setting, (learned, forgot) in points:
